@@ -1,0 +1,20 @@
+"""hf_sparse: 2:4 semi-structured sparsity for Hugging Face causal LMs with the Adaptive Sparse Trainer (AST).
+
+``import hf_sparse`` registers AST with PEFT (``peft.get_peft_model(model, hf_sparse.ASTConfig())``).
+"""
+
+from .sparsity import is_nm_sparse, nm_mask
+from .tuners.ast import ASTConfig, ASTModel, register_ast_with_peft
+from .tuners.masked_lora_merge import merge_lora_keep_mask
+
+register_ast_with_peft()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASTConfig",
+    "ASTModel",
+    "is_nm_sparse",
+    "merge_lora_keep_mask",
+    "nm_mask",
+]

@@ -1,0 +1,34 @@
+"""AST as a PEFT method: ``peft.get_peft_model(model, ASTConfig())`` after ``import hf_sparse``."""
+
+from .config import AST_PEFT_TYPE, ASTConfig
+from .layer import ASTLayer, MaskUpdate, SparseLinear, masked_decay_term, masked_weight_ste
+from .model import ASTModel, resolve_targets
+from .slorb import SLoRB
+
+
+def register_ast_with_peft() -> None:
+    """Make PEFT know the "AST" method (config, tuner, prefix); idempotent.
+
+    ``peft.utils.register_peft_method`` only accepts names already in PEFT's ``PeftType`` enum, so a
+    third-party method fills PEFT's three mappings itself, keyed by the string type.
+    """
+    from peft import mapping
+
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[AST_PEFT_TYPE] = ASTConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[AST_PEFT_TYPE] = ASTModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[AST_PEFT_TYPE] = ASTModel.prefix
+
+
+__all__ = [
+    "AST_PEFT_TYPE",
+    "ASTConfig",
+    "ASTLayer",
+    "ASTModel",
+    "MaskUpdate",
+    "SLoRB",
+    "SparseLinear",
+    "masked_decay_term",
+    "masked_weight_ste",
+    "register_ast_with_peft",
+    "resolve_targets",
+]

@@ -1,0 +1,84 @@
+"""ASTConfig: the PEFT configuration of the Adaptive Sparse Trainer (AST) method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ...sparsity.nm import validate_nm
+
+AST_PEFT_TYPE = "AST"
+
+# Default targets: every Linear/Conv1D inside a repeated decoder block ("...layers.3.mlp.up_proj", "h.0.attn.c_attn").
+DEFAULT_TARGET_PATTERN = r".*\.\d+\..*"
+# Routers of mixture-of-experts blocks decide where tokens go: tiny and routing-critical, so they stay dense.
+DEFAULT_EXCLUDE_PATTERNS = (r".*\.(gate|router|shared_expert_gate)$",)
+
+
+@dataclass
+class ASTConfig(PeftConfig):
+    """Configuration of AST (arXiv 2407.20584): N:M masks recomputed during training over a trainable dense weight.
+
+    With no arguments it is the paper's setup: every ``nn.Linear``/``Conv1D`` inside the decoder blocks at 2:4 along
+    the input dimension, embeddings and ``lm_head`` dense, all parameters trainable, magnitude masks recomputed every
+    10 optimizer steps, annealed masked decay, SLoRB off.
+
+    Args:
+        target_modules: regexes matched (``re.fullmatch``) against qualified module names, or bare names matched
+            against the last name component (``"q_proj"``). ``None``: every Linear/Conv1D inside a decoder block.
+        exclude_modules: same syntax; matching modules stay dense. ``None``: MoE routers (``gate``/``router``).
+        n, m: the N:M pattern (N kept of every M consecutive input weights).
+        mask_init: how the first mask is chosen: ``"magnitude"`` (|W|), or a one-shot method that the trainer or
+            :mod:`hf_sparse.oneshot` applies from calibration data (``"wanda"``, ``"sparsegpt"``).
+        mask_score: score used by the periodic recomputes: ``"magnitude"`` (the paper) or ``"activation"``
+            (|W|·running input norm).
+        mask_update_interval: recompute the mask every this many optimizer steps (paper: 10). 0 keeps it fixed.
+        masked_decay_peak: peak λ of the masked (SR-STE) decay on pruned weights.
+        masked_decay_ramp_steps: steps over which λ ramps linearly from 0 to the peak; ``None`` = 25% of training.
+        use_slorb: add the SLoRB branch ``S·(X·x)`` beside each sparse weight.
+        slorb_group_size: k, the number of consecutive input channels one SLoRB projection row sums (paper: 16).
+        slorb_init: ``"mean"`` (S = group means of the pruned weights, the paper) or ``"zero"``.
+        slorb_train_projection: train X (a d/k×d matrix initialised to the 0/1 group sums). False keeps X fixed and
+            computes it as a reshape-and-sum, never materialising the matrix.
+        trainable_non_target: which non-target parameters train: ``"all"`` (the paper), ``"none"``, or a list of
+            regexes over parameter names. Target weights always train: they are what AST trains.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "regexes/names of targets"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "regexes/names kept dense"})
+    n: int = field(default=2, metadata={"help": "kept weights per group"})
+    m: int = field(default=4, metadata={"help": "group size along the input dimension"})
+    mask_init: str = field(default="magnitude", metadata={"help": "magnitude | wanda | sparsegpt"})
+    mask_score: str = field(default="magnitude", metadata={"help": "recompute score: magnitude | activation"})
+    mask_update_interval: int = field(default=10, metadata={"help": "optimizer steps between mask recomputes"})
+    masked_decay_peak: float = field(default=1e-4, metadata={"help": "peak lambda of the masked decay"})
+    masked_decay_ramp_steps: Optional[int] = field(default=None, metadata={"help": "linear ramp length of lambda"})
+    use_slorb: bool = field(default=False, metadata={"help": "add SLoRB low-rank branches"})
+    slorb_group_size: int = field(default=16, metadata={"help": "SLoRB group size k"})
+    slorb_init: Literal["mean", "zero"] = field(default="mean", metadata={"help": "SLoRB S init: mean | zero"})
+    slorb_train_projection: bool = field(default=False, metadata={"help": "train the SLoRB projection X"})
+    trainable_non_target: Union[str, list[str]] = field(default="all", metadata={"help": "all | none | regexes"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "PEFT modules_to_save"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = AST_PEFT_TYPE
+        validate_nm(self.n, self.m, module_name="ASTConfig")
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, set):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.slorb_init not in ("mean", "zero"):
+            raise ValueError(f"ASTConfig: argument `slorb_init` must be 'mean' or 'zero', got {self.slorb_init!r}")
+        if self.slorb_group_size < 1:
+            raise ValueError(f"ASTConfig: argument `slorb_group_size` must be >= 1, got {self.slorb_group_size}")
+        if self.mask_update_interval < 0:
+            raise ValueError(f"ASTConfig: argument `mask_update_interval` must be >= 0, got {self.mask_update_interval}")
+        if self.masked_decay_peak < 0:
+            raise ValueError(f"ASTConfig: argument `masked_decay_peak` must be >= 0, got {self.masked_decay_peak}")
+        if self.mask_score not in ("magnitude", "activation"):
+            raise ValueError(f"ASTConfig: argument `mask_score` must be 'magnitude' or 'activation', got {self.mask_score!r}")
+        if isinstance(self.trainable_non_target, str) and self.trainable_non_target not in ("all", "none"):
+            self.trainable_non_target = [self.trainable_non_target]

@@ -1,0 +1,196 @@
+"""ASTModel: the PEFT tuner that finds AST targets, wraps them, and decides what is trainable and saved."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_TARGET_PATTERN, ASTConfig
+from .layer import ASTLayer, Linear, MaskUpdate, masked_decay_term
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = (nn.Linear, Conv1D)
+
+
+def _as_patterns(patterns: Optional[Union[str, list[str]]]) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """A pattern matches a qualified name by ``re.fullmatch`` or, for bare names, the last component."""
+    last = name.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if pattern == name or pattern == last or re.fullmatch(pattern, name):
+            return True
+    return False
+
+
+def resolve_targets(model: nn.Module, config: ASTConfig) -> list[str]:
+    """Qualified names of the modules AST sparsifies, validated; errors name the module and the argument."""
+    user_targets = _as_patterns(config.target_modules)
+    includes = user_targets or [DEFAULT_TARGET_PATTERN]
+    excludes = _as_patterns(config.exclude_modules) if config.exclude_modules is not None else list(DEFAULT_EXCLUDE_PATTERNS)
+    targets: list[str] = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, ASTLayer) or ".ast_slorb" in name or ".base_layer" in name:
+            continue
+        if not _matches(name, includes) or _matches(name, excludes):
+            continue
+        if not isinstance(module, SUPPORTED_TYPES):
+            if user_targets and (name.rsplit(".", 1)[-1] in user_targets or any(re.fullmatch(p, name) for p in user_targets)):
+                if not list(module.children()) or not any(isinstance(c, SUPPORTED_TYPES) for c in module.modules()):
+                    raise TypeError(
+                        f"{name}: argument `target_modules` matched a {type(module).__name__}, which AST cannot "
+                        f"sparsify (supported: nn.Linear, transformers Conv1D)."
+                    )
+            continue
+        targets.append(name)
+    if not targets:
+        raise ValueError(
+            f"argument `target_modules`={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"matched no nn.Linear/Conv1D module of {type(model).__name__}."
+        )
+    _log_dense_parameters(model, targets)
+    return targets
+
+
+def _log_dense_parameters(model: nn.Module, targets: list[str]) -> None:
+    """Say which weight matrices inside decoder blocks stay dense (e.g. fused MoE experts, routers)."""
+    target_set = set(targets)
+    dense = []
+    for name, module in model.named_modules():
+        if not re.fullmatch(DEFAULT_TARGET_PATTERN, name or "") or name in target_set:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                dense.append(f"{name}.{pname} {tuple(param.shape)} ({type(module).__name__})")
+    if dense:
+        shown = ", ".join(dense[:6]) + (f", ... ({len(dense)} in all)" if len(dense) > 6 else "")
+        logger.warning(
+            "AST leaves these weight matrices inside decoder blocks dense: %s. Fused MoE expert tensors are 3-D "
+            "parameters, not Linear modules, and routers are tiny and routing-critical.",
+            shown,
+        )
+
+
+class ASTModel(BaseTuner):
+    """Creates an AST (Adaptive Sparse Trainer) model from a transformers model; see :class:`ASTConfig`."""
+
+    prefix: str = "ast_"
+    tuner_layer_cls = ASTLayer
+    target_module_mapping: dict = {}
+
+    # ---- target selection ----
+    def _prepare_adapter_config(self, peft_config: ASTConfig, model_config: dict) -> ASTConfig:
+        return peft_config  # targets are resolved against the model in _prepare_model
+
+    def _prepare_model(self, peft_config: ASTConfig, model: nn.Module) -> None:
+        self._ast_targets = set(resolve_targets(model, peft_config))
+
+    def _check_target_module_exists(self, peft_config: ASTConfig, key: str) -> bool:  # type: ignore[override]
+        return key in getattr(self, "_ast_targets", ())
+
+    def _check_new_adapter_config(self, config: ASTConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if len(self.peft_config) > 1:
+            raise ValueError("ASTModel supports one AST adapter per model: the masks apply to the shared dense weight.")
+
+    def _create_and_replace(
+        self,
+        peft_config: ASTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, ASTLayer):
+            target.update_layer(adapter_name, peft_config, current_key)
+            return
+        if not isinstance(target, SUPPORTED_TYPES):
+            raise TypeError(
+                f"{current_key}: argument `target_modules` matched a {type(target).__name__}; AST supports "
+                f"nn.Linear and Conv1D"
+            )
+        new_module = Linear(target, adapter_name, peft_config, module_name=current_key)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        if not isinstance(new_module, ASTLayer):  # unloading: nothing to move
+            return
+        weight = child.weight
+        for name, module in new_module.named_modules():
+            if self.prefix in name:
+                module.to(weight.device)
+
+    # ---- trainability: AST trains the dense target weights themselves ----
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        config = next(iter(self.peft_config.values()))
+        policy = config.trainable_non_target
+        for name, param in model.named_parameters():
+            if policy == "all":
+                param.requires_grad = True
+            elif policy == "none":
+                param.requires_grad = False
+            else:
+                param.requires_grad = any(re.fullmatch(p, name) or re.search(p, name) for p in policy)
+        for module in model.modules():
+            if isinstance(module, ASTLayer):
+                base = module.get_base_layer()
+                base.weight.requires_grad = True
+                if base.bias is not None:
+                    base.bias.requires_grad = True
+                for slorb in module.ast_slorb.values():
+                    slorb.S.requires_grad = True
+                    if slorb.X is not None:
+                        slorb.X.requires_grad = True
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Masks and SLoRB (PEFT's default) plus the trained dense weights: they are the adapter of AST."""
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for name, module in model.named_modules():
+            if isinstance(module, ASTLayer):
+                for pname, _ in module.get_base_layer().named_parameters():
+                    trainable.add(f"{name}.base_layer.{pname}")
+        for key, value in state_dict.items():
+            if key in trainable:
+                to_return[key] = value
+        return to_return
+
+    # ---- AST helpers used by the trainer and callbacks ----
+    def ast_layers(self) -> Iterator[tuple[str, ASTLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ASTLayer):
+                yield name, module
+
+    @torch.no_grad()
+    def update_masks(self, scores: Optional[dict[str, torch.Tensor]] = None) -> dict[str, MaskUpdate]:
+        """Recompute every target's mask (from |W|, or ``scores[name]``); returns the flips per module."""
+        scores = scores or {}
+        return {name: layer.update_mask(scores.get(name)) for name, layer in self.ast_layers()}
+
+    @torch.no_grad()
+    def apply_masked_decay(self, lam: float, to_grad: bool = True) -> None:
+        """Add ``λ·(¬mask ⊙ W)`` to each target weight's gradient (or subtract it from the weight)."""
+        for _, layer in self.ast_layers():
+            weight = layer.get_base_layer().weight
+            term = masked_decay_term(weight, layer.ast_mask[layer.active_adapters[0]], lam)
+            if to_grad:
+                weight.grad = term.to(weight.dtype) if weight.grad is None else weight.grad.add_(term.to(weight.grad.dtype))
+            else:
+                weight.data.sub_(term.to(weight.dtype))
