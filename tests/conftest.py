@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-import transformers
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU; must precede `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402  (imports triton)
 
 import hf_sparse  # noqa: F401  (registers AST with PEFT)
 
