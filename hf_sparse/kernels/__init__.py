@@ -1,1 +1,6 @@
-"""Inference kernels for packed N:M weights: dense fallback, torch semi-structured 2:4, and Triton W4A16 x 2:4."""
+"""Compute for packed N:M linears: the module and the one dispatch function choosing its kernel."""
+
+from .dispatch import PATHS, choose_path
+from .packed_linear import PackedNMLinear
+
+__all__ = ["PATHS", "PackedNMLinear", "choose_path"]
