@@ -127,3 +127,118 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "c"))
     assert AutotuneCache().path == tmp_path / "c" / "autotune.json"
     assert os.fspath(autotune.default_cache_path()).startswith(str(tmp_path))
+
+
+# ---------------------------------------------------------------- dispatch of real exported packed linears
+def _export_tiny(tmp_path, bits: int, group_size: int = 32):
+    from conftest import tiny_model
+
+    import hf_sparse
+
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                mod.weight.mul_(hf_sparse.nm_mask(mod.weight.abs(), 2, 4, dim=1))
+    out = tmp_path / f"export-{bits}"
+    hf_sparse.export(model, out, bits=bits, group_size=group_size)
+    return out
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_sparse.kernels import PackedNMLinear
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedNMLinear)}
+    assert packed, "export loaded without packed linears"
+    return model, packed
+
+
+def _chosen(packed) -> set[str]:
+    return {v for m in packed.values() for v in m.__dict__.get("_dispatch_memo", {}).values()}
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.delenv(autotune.ENV_OVERRIDE, raising=False)
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "autotune-cache"))
+    from hf_sparse.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "FORCE_PATH", None)
+    return monkeypatch
+
+
+def test_cpu_default_is_dense_and_triton_override_matches_it(tmp_path, clean_env):
+    from hf_sparse.kernels import dispatch
+
+    path = _export_tiny(tmp_path, bits=4)
+    model, packed = _load(path)
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    assert _chosen(packed) == {"dense"}
+    assert not (tmp_path / "autotune-cache").exists()  # nothing measured on CPU
+    first = next(iter(packed.values()))
+    x = torch.randn(3, first.in_features)
+    assert dispatch.candidate_paths(first, x) == (
+        ["dense", "triton_w4a16"] if os.environ.get("TRITON_INTERPRET") == "1" else ["dense"]
+    )
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton path runs on CPU only under TRITON_INTERPRET=1")
+    clean_env.setenv(autotune.ENV_OVERRIDE, "triton_w4a16")
+    model2, packed2 = _load(path)
+    with torch.no_grad():
+        triton_logits = model2(ids).logits
+    assert _chosen(packed2) == {"triton_w4a16"}
+    torch.testing.assert_close(triton_logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_path_is_not_used_when_autograd_needs_it(tmp_path, clean_env):
+    from hf_sparse.kernels import dispatch
+
+    model, packed = _load(_export_tiny(tmp_path, bits=4))
+    module = next(iter(packed.values()))
+    x = torch.randn(2, module.in_features, requires_grad=True)
+    assert "triton_w4a16" not in dispatch.candidate_paths(module, x)
+    clean_env.setenv(autotune.ENV_OVERRIDE, "triton_w4a16")
+    with pytest.raises(ValueError, match="triton_w4a16.*not available"):
+        module(x)
+
+
+def test_fp16_export_has_no_int4_path_and_force_path_still_wins(tmp_path, clean_env):
+    from hf_sparse.kernels import dispatch
+
+    model, packed = _load(_export_tiny(tmp_path, bits=16))
+    module = next(iter(packed.values()))
+    x = torch.randn(1, module.in_features)
+    assert dispatch.candidate_paths(module, x) == ["dense"]
+    assert dispatch.tune_model(model, m_values=(1, 64), dtype=torch.float32)[next(iter(packed))] == {1: "dense", 64: "dense"}
+    clean_env.setenv(autotune.ENV_OVERRIDE, "triton_w4a16")
+    with pytest.raises(ValueError, match="HF_SPARSE_KERNEL"):
+        model(torch.randint(0, 96, (1, 4)))
+    clean_env.setattr(dispatch, "FORCE_PATH", "dense")
+    with torch.no_grad():
+        assert model(torch.randint(0, 96, (1, 4))).logits.shape == (1, 4, 96)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_dispatch_measures_caches_and_is_correct(tmp_path, clean_env):
+    from transformers import AutoModelForCausalLM
+
+    from hf_sparse.kernels import dispatch
+
+    path = _export_tiny(tmp_path, bits=4)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="cuda").eval()
+    ids = torch.randint(0, 96, (1, 8), device="cuda")
+    clean_env.setattr(dispatch, "FORCE_PATH", "dense")
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    clean_env.setattr(dispatch, "FORCE_PATH", None)
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    cache = json.loads((tmp_path / "autotune-cache" / "autotune.json").read_text())
+    assert cache["entries"] and all(e["backend"] in dispatch.PATHS for e in cache["entries"].values())

@@ -8,10 +8,17 @@ computes ``y = x W^T + b`` (without the SLoRB branch, which the module adds). Pa
 * ``"semi_structured"``: ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt, or CUTLASS when forced)
   on CUDA sm80+, fp16/bf16 activations, 2:4, weight shape a multiple of the backend's minimum tile. The
   compressed weight is built once per module/device/dtype and cached (not persisted).
+* ``"triton_w4a16"``: hf_sparse's Triton kernel reading the 2:4 int4 storage directly
+  (:mod:`hf_sparse.kernels.triton_w4a16_nm`), for bits=4 2:4 exports; forward only (no autograd).
 
-To add a kernel (e.g. a Triton int4 x 2:4 matmul): write ``def forward(module, x) -> Tensor``, register it
-in ``PATHS`` and add its condition to ``choose_path``. Keep the choice a pure function of the module's
-spec, the device and the input shape so it can be measured and cached.
+Choice: every supported path is a candidate, dense always among them. On CUDA,
+:func:`hf_sparse.kernels.autotune.select_backend` measures them once per (GPU, shape, M bucket, dtype,
+format) and caches the winner on disk, so the choice is never slower than dense. On CPU the dense path is
+the default. Overrides: ``FORCE_PATH`` (tests/benchmarks), ``$HF_SPARSE_KERNEL`` (validated per module),
+``$HF_SPARSE_AUTOTUNE=0`` (no measuring: dense unless cached).
+
+To add a kernel: write ``def forward(module, x) -> Tensor``, register it in ``PATHS`` and its support
+condition in :func:`candidate_paths`.
 """
 
 from __future__ import annotations
@@ -21,10 +28,20 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from . import autotune
+
 if TYPE_CHECKING:
     from .packed_linear import PackedNMLinear
 
-__all__ = ["choose_path", "PATHS", "semi_structured_supported", "FORCE_PATH"]
+__all__ = [
+    "choose_path",
+    "candidate_paths",
+    "PATHS",
+    "semi_structured_supported",
+    "triton_w4a16_supported",
+    "tune_model",
+    "FORCE_PATH",
+]
 
 # tests and benchmarks may pin a path ("dense", "semi_structured"); None = automatic choice
 FORCE_PATH: str | None = None
@@ -51,14 +68,103 @@ def semi_structured_supported(out_features: int, in_features: int, n: int, m: in
     return out_features >= rows and out_features % rows == 0 and in_features >= cols and in_features % cols == 0
 
 
+def triton_w4a16_supported(module: "PackedNMLinear", x: torch.Tensor) -> bool:
+    """Whether the Triton int4 x 2:4 kernel can run ``module`` on ``x`` (CUDA, or CPU under the interpreter)."""
+    from .triton_w4a16_nm import HAS_TRITON, _interpreting
+
+    spec = module.spec
+    if not HAS_TRITON or (spec.n, spec.m) != (2, 4) or spec.bits != 4:
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or module.in_features % 16:
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:  # forward-only kernel: keep autograd intact
+        return False
+    return x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting())
+
+
+def candidate_paths(module: "PackedNMLinear", x: torch.Tensor) -> list[str]:
+    """Names of the paths that can compute ``module`` on ``x``; ``"dense"`` is always first."""
+    names = ["dense"]
+    spec = module.spec
+    if semi_structured_supported(module.out_features, module.in_features, spec.n, spec.m, x.dtype, x.device):
+        names.append("semi_structured")
+    if triton_w4a16_supported(module, x):
+        names.append("triton_w4a16")
+    return names
+
+
+_DISK_CACHE: list[autotune.AutotuneCache] = []
+
+
+def _disk_cache() -> autotune.AutotuneCache:
+    """One cache object per process (its in-memory copy spares re-reading the file for every layer)."""
+    path = autotune.default_cache_path()
+    if not _DISK_CACHE or _DISK_CACHE[0].path != path:
+        _DISK_CACHE[:] = [autotune.AutotuneCache(path)]
+    return _DISK_CACHE[0]
+
+
+def _variant(module: "PackedNMLinear") -> str:
+    s = module.spec
+    group = "pc" if s.group_size is None else f"g{s.group_size}"
+    quant = s.values_dtype if s.bits == 16 else f"w{s.bits}{group}{'s' if s.symmetric else 'a'}"
+    return f"{s.n}:{s.m}-{quant}-b{int(module.bias is not None)}"
+
+
 def choose_path(module: "PackedNMLinear", x: torch.Tensor) -> str:
     """Name of the compute path for ``module`` on input ``x`` (see the module docstring)."""
     if FORCE_PATH is not None:
         return FORCE_PATH
-    spec = module.spec
-    if semi_structured_supported(module.out_features, module.in_features, spec.n, spec.m, x.dtype, x.device):
-        return "semi_structured"
-    return "dense"
+    m = max(1, x.numel() // max(1, module.in_features))
+    bucket = autotune.m_bucket(m)
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    memo = module.__dict__.setdefault("_dispatch_memo", {})
+    memo_key = ("choice", str(x.device), x.dtype, bucket, needs_grad)
+    name = memo.get(memo_key)
+    if name is not None:
+        return name
+    names = candidate_paths(module, x)
+    override = autotune._override(None)
+    if override is None and x.device.type != "cuda":
+        name = "dense"  # CPU: the exact dequantized path is the default; nothing to measure
+    else:
+        key = autotune.TuneKey(
+            autotune.device_name(x.device), module.out_features, module.in_features, bucket,
+            str(x.dtype).removeprefix("torch."), _variant(module),
+        )
+        try:
+            choice = autotune.select_backend(
+                key,
+                {n: (lambda t, n=n: PATHS[n](module, t)) for n in names},
+                lambda: torch.randn(bucket, module.in_features, device=x.device, dtype=x.dtype),
+                cache=_disk_cache(),
+            )
+        except ValueError as err:
+            raise ValueError(f"{getattr(module, 'module_name', type(module).__name__)}: {err}") from None
+        name = choice.backend
+    memo[memo_key] = name
+    return name
+
+
+@torch.no_grad()
+def tune_model(model: torch.nn.Module, m_values: tuple[int, ...] = (1, 16, 128, 2048), dtype: torch.dtype | None = None) -> dict[str, dict[int, str]]:
+    """Measure (or read from the cache) the path of every packed linear for each M, e.g. right after loading.
+
+    Returns ``{module_name: {M: path}}``. Layers with equal shapes share one measurement through the cache.
+    """
+    from .packed_linear import PackedNMLinear
+
+    chosen: dict[str, dict[int, str]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PackedNMLinear):
+            continue
+        buf = getattr(module, "nm_values")
+        act_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float16)
+        chosen[name] = {
+            m: choose_path(module, torch.zeros(m, module.in_features, device=buf.device, dtype=act_dtype))
+            for m in m_values
+        }
+    return chosen
 
 
 def dense_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +186,19 @@ def semi_structured_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.
     return out.reshape(*x.shape[:-1], module.out_features)
 
 
+def triton_w4a16_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.Tensor:
+    from .triton_w4a16_nm import w4a16_nm24_matmul
+
+    spec = module.spec
+    bias = None if module.bias is None else module.bias.to(x.dtype)
+    return w4a16_nm24_matmul(
+        x, module.nm_values, module.nm_positions, module.nm_scales, module.nm_zeros, bias,
+        group_size=spec.group_size or module.in_features,
+    )
+
+
 PATHS: dict[str, Callable[["PackedNMLinear", torch.Tensor], torch.Tensor]] = {
     "dense": dense_forward,
     "semi_structured": semi_structured_forward,
+    "triton_w4a16": triton_w4a16_forward,
 }
