@@ -260,15 +260,16 @@ def bench_end_to_end(args, device) -> list[dict]:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     results = []
     gen = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, reps=args.e2e_reps)
-    r = {"model": "dense fp16", **time_generation(model, device, **gen)}
+    r = {"model": f"dense {str(dtype).removeprefix('torch.')}", **time_generation(model, device, **gen)}
     results.append(r)
     print(format_e2e_row(r), flush=True)
     # magnitude 2:4 on every decoder linear (random weights: the pattern, not the quality, matters here)
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-            mod.weight.mul_(nm_mask(mod.weight.abs(), 2, 4, dim=1))
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                mod.weight.mul_(nm_mask(mod.weight.abs(), 2, 4, dim=1))
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
-        for label, bits in (("exported 2:4 fp16", 16), ("exported 2:4 + int4", 4)):
+        for label, bits in (("exported 2:4 (16-bit)", 16), ("exported 2:4 + int4", 4)):
             out_dir = Path(tmp) / f"export-{bits}"
             t0 = time.perf_counter()
             export_model(model, out_dir, bits=bits, group_size=32 if tiny else GROUP_SIZE)
@@ -287,20 +288,17 @@ def bench_end_to_end(args, device) -> list[dict]:
 
 def export_model(model, out_dir: Path, bits: int, group_size: int) -> None:
     """Write ``model`` (already 2:4) with hf_sparse's exporter (the same code `hf-sparse export` runs)."""
-    from hf_sparse.export import export_sparse_model
+    from hf_sparse.export import export
 
-    export_sparse_model(model, out_dir, bits=bits, group_size=group_size)
+    export(model, out_dir, bits=bits, group_size=group_size)
 
 
 def dispatch_summary(model) -> dict:
-    """How many packed linears ran each path in the last forward calls (from the dispatch's memo)."""
+    """How many packed linears use each path per M bucket (from the dispatch's per-module memo)."""
     counts: dict[str, int] = {}
     for mod in model.modules():
-        memo = getattr(mod, "_kernel_cache", None)
-        if isinstance(memo, dict):
-            for k, v in memo.items():
-                if isinstance(k, tuple) and k and k[0] == "choice":
-                    counts[f"m{k[3]}:{v}"] = counts.get(f"m{k[3]}:{v}", 0) + 1
+        for (_, _, _, bucket, _), path in mod.__dict__.get("_dispatch_memo", {}).items():
+            counts[f"m{bucket}:{path}"] = counts.get(f"m{bucket}:{path}", 0) + 1
     return counts
 
 

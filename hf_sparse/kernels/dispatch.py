@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+import os
+
 from . import autotune
 
 if TYPE_CHECKING:
@@ -43,8 +45,12 @@ __all__ = [
     "FORCE_PATH",
 ]
 
-# tests and benchmarks may pin a path ("dense", "semi_structured"); None = automatic choice
+# tests and benchmarks may pin a path ("dense", "semi_structured", "triton_w4a16"); None = automatic choice
 FORCE_PATH: str | None = None
+# On CUDA the dense fallback keeps its dequantized weight (speed: the dense path must match a dense
+# model wherever it is chosen, e.g. 2:4 fp16 at decode). Costs the dense weight's memory for modules
+# that use it; HF_SPARSE_DENSE_CACHE=0 dequantizes on every call instead (less memory, slower).
+ENV_DENSE_CACHE = "HF_SPARSE_DENSE_CACHE"
 
 
 def _semi_structured_class() -> type:
@@ -167,8 +173,21 @@ def tune_model(model: torch.nn.Module, m_values: tuple[int, ...] = (1, 16, 128, 
     return chosen
 
 
+def _keep_dense_copy(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and os.environ.get(ENV_DENSE_CACHE, "1") != "0"
+
+
 def dense_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.Tensor:
-    weight = module.dequantized_weight(x.dtype)
+    """Exact dequantized weight + ``F.linear``; on CUDA the dequantized copy is kept (see ENV_DENSE_CACHE)."""
+    if _keep_dense_copy(x):
+        cache = module._kernel_cache
+        key = (x.device, x.dtype)
+        if cache.get("dense_key") != key:
+            cache["dense"] = module.dequantized_weight(x.dtype)
+            cache["dense_key"] = key
+        weight = cache["dense"]
+    else:
+        weight = module.dequantized_weight(x.dtype)
     return F.linear(x, weight, None if module.bias is None else module.bias.to(x.dtype))
 
 
@@ -186,15 +205,55 @@ def semi_structured_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.
     return out.reshape(*x.shape[:-1], module.out_features)
 
 
-def triton_w4a16_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.Tensor:
+def _triton_config(module: "PackedNMLinear", x: torch.Tensor):
+    """Launch config for this module and M bucket: measured once per (GPU, shape, M bucket, dtype) on CUDA."""
+    from .triton_w4a16_nm import KernelConfig, candidate_configs, default_config
+
+    m = max(1, x.numel() // module.in_features)
+    bucket = autotune.m_bucket(m)
+    memo = module.__dict__.setdefault("_triton_config_memo", {})
+    memo_key = (str(x.device), x.dtype, bucket)
+    if memo_key in memo:
+        return memo[memo_key]
+    n, k = module.out_features, module.in_features
+    cfg = default_config(bucket, n, k)
+    if x.device.type == "cuda" and os.environ.get(autotune.ENV_AUTOTUNE, "1") != "0":
+        key = autotune.TuneKey(
+            autotune.device_name(x.device), n, k, bucket, str(x.dtype).removeprefix("torch."), _variant(module) + "|triton-config"
+        )
+        cache = _disk_cache()
+        record = cache.get(key)
+        if record is not None and "config" in record:
+            cfg = KernelConfig.from_dict(record["config"])
+        else:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            xin = torch.randn(bucket, k, device=x.device, dtype=x.dtype)
+            times = {}
+            for c in candidate_configs(bucket, n, k, sms):
+                try:
+                    times[c] = autotune.time_ms(lambda c=c: _triton_call(module, xin, c), x.device, warmup=2, reps=5)
+                except Exception:  # a launch this GPU cannot run (e.g. shared memory): not a candidate
+                    continue
+            if times:
+                cfg = min(times, key=times.get)
+                cache.put(key, {"backend": "triton_w4a16", "config": cfg.as_dict(),
+                                "times_ms": {str(c.as_dict()): t for c, t in times.items()}})
+    memo[memo_key] = cfg
+    return cfg
+
+
+def _triton_call(module: "PackedNMLinear", x: torch.Tensor, config) -> torch.Tensor:
     from .triton_w4a16_nm import w4a16_nm24_matmul
 
-    spec = module.spec
     bias = None if module.bias is None else module.bias.to(x.dtype)
     return w4a16_nm24_matmul(
         x, module.nm_values, module.nm_positions, module.nm_scales, module.nm_zeros, bias,
-        group_size=spec.group_size or module.in_features,
+        group_size=module.spec.group_size or module.in_features, config=config,
     )
+
+
+def triton_w4a16_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.Tensor:
+    return _triton_call(module, x, _triton_config(module, x))
 
 
 PATHS: dict[str, Callable[["PackedNMLinear", torch.Tensor], torch.Tensor]] = {

@@ -70,6 +70,10 @@ class KernelConfig:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "KernelConfig":
+        return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
 
 def _kernel_source(
     x_ptr, vals_ptr, pos_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
@@ -210,32 +214,42 @@ def _largest_block_k(k: int, cap: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, sm_count: int | None = None) -> KernelConfig:
-    """A sane launch for (M, N, K) when nothing was measured (decode: GEMV + split-K; else tl.dot tiles)."""
+    """A sane launch for (M, N, K) when nothing was measured.
+
+    Decode-sized M: GEMV tiles (no tl.dot, no padding of M to 16), the widest BLOCK_N that still gives
+    ~2 programs per SM, split-K only when the output alone cannot fill the GPU (split-K costs a memset
+    and a cast, i.e. two extra launches, which matter at ~2-5 us per layer). Larger M: tl.dot tiles.
+    """
     sms = sm_count or 132
     if m <= 8:
-        bm, bn, bk = _pow2_at_least(m, 1, 8), 32 if m > 1 else 64, _largest_block_k(k, 128)
-        if m > 1:
-            bk = _largest_block_k(k, 64)
+        bm = _pow2_at_least(m, 1, 8)
+        bk = _largest_block_k(k, 128 if m == 1 else 64)
+        bn = 64 if m == 1 else 32
+        while bn > 16 and -(-n // bn) < 2 * sms:
+            bn //= 2
     else:
         bm = _pow2_at_least(m, 16, 64)
         bn, bk = 64, _largest_block_k(k, 64)
     tiles = -(-m // bm) * -(-n // bn)
     k_tiles = k // bk
     split = 1
-    while tiles * split < 2 * sms and split * 2 <= k_tiles and split < 16:
+    while tiles * split < sms and split * 2 <= k_tiles and split < 16:
         split *= 2
     return KernelConfig(bm, bn, bk, split)
 
 
-def candidate_configs(m: int, n: int, k: int) -> list[KernelConfig]:
-    """The few launches autotune times on a GPU (a short list: load-time measurement must stay short)."""
-    base = default_config(m, n, k)
+def candidate_configs(m: int, n: int, k: int, sm_count: int | None = None) -> list[KernelConfig]:
+    """The few launches measured on a GPU (short: this runs at load time); the default comes first."""
+    base = default_config(m, n, k, sm_count)
     out = [base]
-    for split in (1, 2, 4, 8):
-        for bn in (32, 64, 128):
-            cfg = KernelConfig(base.block_m, bn, base.block_k, split, base.num_warps, base.num_stages)
+    bns = (16, 32, 64) if m <= 8 else (64, 128)
+    for bn in bns:
+        for split in (1, 2, 4):
+            cfg = KernelConfig(base.block_m, bn, base.block_k, split, 4 if bn * base.block_k <= 8192 else 8)
             if cfg not in out and (k // cfg.block_k) >= split:
                 out.append(cfg)
+    if m > 8 and base.block_m < 64:
+        out.append(KernelConfig(base.block_m * 2, 64, base.block_k, 1, 4))
     return out[:8]
 
 
