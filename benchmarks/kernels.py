@@ -313,7 +313,7 @@ def format_e2e_row(r: dict, base: dict | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny shapes and model; runs on CPU (Triton interpreter)")
-    p.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/kernels-<device>.json)")
+    p.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/kernels-<gpu>.json; dry run: the temp dir)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (median)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--pool", type=int, default=4, help="distinct random inputs cycled through the repetitions")
@@ -359,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nend to end: Llama-7B-shaped random weights ({'tiny' if dry else 'full'}), batch {args.batch}, "
               f"prompt {args.prompt_len}, {args.new_tokens} new tokens", flush=True)
         report["end_to_end"] = bench_end_to_end(args, device)
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{'dryrun' if dry else gpu.replace(' ', '_')}.json"
+    if args.out is not None:
+        out = args.out
+    elif dry:  # a dry run's numbers mean nothing: keep them out of the repository
+        out = Path(tempfile.gettempdir()) / "hf-sparse-kernels-dryrun.json"
+    else:
+        out = Path(__file__).parent / "results" / f"kernels-{gpu.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=str))
