@@ -1,6 +1,6 @@
 """Compute for packed N:M linears: the module and the one dispatch function choosing its kernel."""
 
-from .dispatch import PATHS, choose_path
+from .dispatch import PATHS, choose_path, tune_model
 from .packed_linear import PackedNMLinear
 
-__all__ = ["PATHS", "PackedNMLinear", "choose_path"]
+__all__ = ["PATHS", "PackedNMLinear", "choose_path", "tune_model"]

@@ -23,12 +23,11 @@ condition in :func:`candidate_paths`.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
-
-import os
 
 from . import autotune
 
@@ -136,7 +135,7 @@ def choose_path(module: "PackedNMLinear", x: torch.Tensor) -> str:
     else:
         key = autotune.TuneKey(
             autotune.device_name(x.device), module.out_features, module.in_features, bucket,
-            str(x.dtype).removeprefix("torch."), _variant(module),
+            str(x.dtype).removeprefix("torch."), _variant(module) + ("-grad" if needs_grad else ""),
         )
         try:
             choice = autotune.select_backend(
@@ -146,7 +145,7 @@ def choose_path(module: "PackedNMLinear", x: torch.Tensor) -> str:
                 cache=_disk_cache(),
             )
         except ValueError as err:
-            raise ValueError(f"{getattr(module, 'module_name', type(module).__name__)}: {err}") from None
+            raise ValueError(f"{type(module).__name__}({module.extra_repr()}): {err}") from None
         name = choice.backend
     memo[memo_key] = name
     return name
@@ -160,12 +159,14 @@ def tune_model(model: torch.nn.Module, m_values: tuple[int, ...] = (1, 16, 128, 
     """
     from .packed_linear import PackedNMLinear
 
+    if dtype is None:  # activations run in the model's floating dtype
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
     chosen: dict[str, dict[int, str]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, PackedNMLinear):
             continue
         buf = getattr(module, "nm_values")
-        act_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float16)
+        act_dtype = dtype
         chosen[name] = {
             m: choose_path(module, torch.zeros(m, module.in_features, device=buf.device, dtype=act_dtype))
             for m in m_values
