@@ -93,8 +93,10 @@ def pack_gptq(
     damp: float = 0.01,
     block_size: int = 128,
 ) -> PackedWeight:
-    """GPTQ (Frantar et al. 2022) restricted to the mask: quantize kept weights column by column and
-    spread each column's error over the *kept* weights of later columns (pruned weights stay exactly 0).
+    """GPTQ (Frantar et al. 2022) under a fixed N:M mask, column by column as in SparseGPT: kept weights
+    are rounded to the grid, pruned weights are "rounded" to exactly 0, and each column's error is spread
+    over the later columns with the inverse Hessian. A pruned position can pick up a transient update, but
+    it is zeroed when its column comes (its error passed on), so every final change lands on kept weights.
 
     ``hessian`` is ``X^T X`` over calibration inputs, ``[in, in]``. Group scales are fixed when the
     first column of a group is reached, from the already error-compensated kept weights.
@@ -133,9 +135,9 @@ def pack_gptq(
             q = q * M1[:, i]
             Q[:, col] = q
             err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0) * M1[:, i:]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
-        W[:, b1:] -= (Err1 @ Hinv[b0:b1, b1:]) * M[:, b1:]
+        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
     vals, pos = compress_nm(Q, mask, spec.n, spec.m)
     sdtype = dtype_from_name(spec.scale_dtype)
     scale_t = torch.stack(scales, 1)
