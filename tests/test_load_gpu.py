@@ -43,7 +43,8 @@ def packed_layer(out_f: int, in_f: int, bits: int, dtype: torch.dtype) -> Packed
 def test_semi_structured_matches_dense(dtype, bits, shape, tokens):
     layer = packed_layer(*shape, bits, dtype)
     x = torch.randn(tokens, shape[1], device="cuda", dtype=dtype)
-    assert dispatch.choose_path(layer, x) == "semi_structured"
+    # the dispatch measures which path wins (kernels autotune); here: the kernel is a candidate and correct
+    assert "semi_structured" in dispatch.candidate_paths(layer, x)
     sparse = dispatch.PATHS["semi_structured"](layer, x)
     dense = dispatch.PATHS["dense"](layer, x)
     assert sparse.shape == dense.shape == (tokens, shape[0])
@@ -56,7 +57,7 @@ def test_semi_structured_matches_dense(dtype, bits, shape, tokens):
 @needs_sm80
 def test_dispatch_falls_back_to_dense_where_the_kernel_cannot_run():
     layer = packed_layer(1024, 2048, 4, torch.float16)
-    assert dispatch.choose_path(layer, torch.randn(4, 2048, device="cuda", dtype=torch.float32)) == "dense"
+    assert "semi_structured" not in dispatch.candidate_paths(layer, torch.randn(4, 2048, device="cuda", dtype=torch.float32))
     odd = packed_layer(1000, 2048, 16, torch.float16)  # 1000 rows: not a multiple of the kernel tile
     assert dispatch.choose_path(odd, torch.randn(4, 2048, device="cuda", dtype=torch.float16)) == "dense"
     cpu = PackedNMLinear(2048, 1024, NMSpec(bits=16, group_size=None), dtype=torch.float16)
