@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from hf_sparse.kernels.triton_w4a16_nm import (  # noqa: E402
     KernelConfig,
+    candidate_configs,
     default_config,
     dequantize_w4_nm24,
     w4a16_nm24_matmul,
@@ -95,13 +96,25 @@ def test_kernel_rejects_mismatched_storage():
         w4a16_nm24_matmul(x, **packed, group_size=64, config=KernelConfig(1, 16, 256, 1))
 
 
-def test_default_config_is_valid_for_llama_shapes():
+def test_default_and_candidate_configs_are_valid_for_llama_shapes():
     for m in (1, 4, 16, 128, 2048):
         for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
-            cfg = default_config(m, n, k, sm_count=132)
-            assert k % cfg.block_k == 0 and cfg.block_k >= 16
-            assert (cfg.block_m >= 16) == cfg.use_dot
-            assert 1 <= cfg.split_k <= k // cfg.block_k
+            cfgs = candidate_configs(m, n, k, sm_count=132)
+            assert cfgs[0] == default_config(m, n, k, sm_count=132) and len(set(cfgs)) == len(cfgs) <= 8
+            for cfg in cfgs:
+                assert k % cfg.block_k == 0 and cfg.block_k >= 16 and cfg.block_k & (cfg.block_k - 1) == 0
+                assert (cfg.block_m >= 16) == cfg.use_dot
+                assert 1 <= cfg.split_k <= k // cfg.block_k
+
+
+@needs_interpreter
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_every_candidate_config_computes_the_same(m):
+    packed, w_ref = make_packed(32, 128, 64, True, seed=m)
+    x = torch.randn(m, 128)
+    for cfg in candidate_configs(m, 32, 128, sm_count=4):
+        y = w4a16_nm24_matmul(x, **packed, group_size=64, config=cfg)
+        torch.testing.assert_close(y, x @ w_ref.T, rtol=1e-4, atol=1e-4, msg=lambda e, cfg=cfg: f"{cfg}: {e}")
 
 
 @pytest.mark.gpu

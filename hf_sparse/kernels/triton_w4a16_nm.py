@@ -223,7 +223,7 @@ def default_config(m: int, n: int, k: int, sm_count: int | None = None) -> Kerne
     sms = sm_count or 132
     if m <= 8:
         bm = _pow2_at_least(m, 1, 8)
-        bk = _largest_block_k(k, 128 if m == 1 else 64)
+        bk = _largest_block_k(k, 128 if m == 1 else 32)  # keep BLOCK_M*BLOCK_N*BLOCK_K in registers
         bn = 64 if m == 1 else 32
         while bn > 16 and -(-n // bn) < 2 * sms:
             bn //= 2
@@ -250,7 +250,10 @@ def candidate_configs(m: int, n: int, k: int, sm_count: int | None = None) -> li
                 out.append(cfg)
     if m > 8 and base.block_m < 64:
         out.append(KernelConfig(base.block_m * 2, 64, base.block_k, 1, 4))
-    return out[:8]
+    out = out[:7]
+    if 1 < m <= 8:  # M padded to 16 for tl.dot can beat the broadcast-reduce GEMV
+        out.append(KernelConfig(16, 64, _largest_block_k(k, 64), 1, 4))
+    return out
 
 
 def w4a16_nm24_matmul(
