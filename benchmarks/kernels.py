@@ -112,7 +112,7 @@ def tinygemm_pack(w: torch.Tensor, group_size: int):
 
 
 # ------------------------------------------------------------------------------------------ per layer
-def bench_layers(shapes, ms, device, timer: Timer, pool: int, group_size: int) -> list[dict]:
+def bench_layers(shapes, ms, device, timer: Timer, pool: int, group_size: int, max_configs: int = 8) -> list[dict]:
     from hf_sparse.kernels import autotune
     from hf_sparse.kernels.triton_w4a16_nm import HAS_TRITON, candidate_configs, w4a16_nm24_matmul
 
@@ -161,7 +161,7 @@ def bench_layers(shapes, ms, device, timer: Timer, pool: int, group_size: int) -
                 row["notes"]["int4_dense"] = tiny_err
             if HAS_TRITON:
                 best, best_cfg = None, None
-                cfgs = candidate_configs(m, out_f, in_f) if device.type == "cuda" else candidate_configs(m, out_f, in_f)[:1]
+                cfgs = candidate_configs(m, out_f, in_f)[: max_configs if device.type == "cuda" else 1]
                 for cfg in cfgs:
                     try:
                         t = timer(lambda x, cfg=cfg: w4a16_nm24_matmul(x, **packed, group_size=group_size, config=cfg), xs)
@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (median)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--pool", type=int, default=4, help="distinct random inputs cycled through the repetitions")
+    p.add_argument("--max-configs", type=int, default=8, help="Triton launch configs tried per shape and M (compile time)")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--num-layers", type=int, default=None, help="decoder layers of the e2e model (default 32; 2 in dry run)")
@@ -354,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         report["triton"] = None
     if not args.skip_layers:
         print("\nper layer: ratio = dense fp16 time / path time (>1 faster)\n" + format_layer_header(), flush=True)
-        report["layers"] = bench_layers(TINY_SHAPES if dry else LLAMA_SHAPES, TINY_MS if dry else LLAMA_MS, device, timer, args.pool, 32 if dry else GROUP_SIZE)
+        report["layers"] = bench_layers(TINY_SHAPES if dry else LLAMA_SHAPES, TINY_MS if dry else LLAMA_MS, device, timer, args.pool,
+                                       32 if dry else GROUP_SIZE, args.max_configs)
     if not args.skip_e2e:
         print(f"\nend to end: Llama-7B-shaped random weights ({'tiny' if dry else 'full'}), batch {args.batch}, "
               f"prompt {args.prompt_len}, {args.new_tokens} new tokens", flush=True)
