@@ -75,16 +75,16 @@ def semi_structured_supported(out_features: int, in_features: int, n: int, m: in
 
 def triton_w4a16_supported(module: "PackedNMLinear", x: torch.Tensor) -> bool:
     """Whether the Triton int4 x 2:4 kernel can run ``module`` on ``x`` (CUDA, or CPU under the interpreter)."""
-    from .triton_w4a16_nm import HAS_TRITON, _interpreting
-
     spec = module.spec
-    if not HAS_TRITON or (spec.n, spec.m) != (2, 4) or spec.bits != 4:
+    if (spec.n, spec.m) != (2, 4) or spec.bits != 4 or x.device.type not in ("cuda", "cpu"):
         return False
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or module.in_features % 16:
         return False
     if torch.is_grad_enabled() and x.requires_grad:  # forward-only kernel: keep autograd intact
         return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting())
+    from .triton_w4a16_nm import HAS_TRITON, _interpreting  # imports triton: only once a module could use it
+
+    return HAS_TRITON and (x.device.type == "cuda" or _interpreting())
 
 
 def candidate_paths(module: "PackedNMLinear", x: torch.Tensor) -> list[str]:
