@@ -93,3 +93,18 @@ def test_optimum_cli_export_hf_sparse_end_to_end(dense_dir, tmp_path):
     assert _packed(loaded) and all(m.spec.bits == 4 and m.spec.group_size == 32 for m in _packed(loaded).values())
     with torch.no_grad():
         assert torch.isfinite(loaded(torch.randint(0, VOCAB, (1, 5))).logits).all()
+
+
+def test_ast_peft_model_exports_its_masks_without_pruning(tmp_path):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(tiny_model("llama", seed=8), hf_sparse.ASTConfig())
+    quantizer = HfSparseQuantizer(peft_model)
+    with pytest.raises(ValueError, match="already N:M"):
+        quantizer.prune()
+    out = quantizer.quantize(tmp_path / "ast-export", bits=16)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    merged = peft_model.merge_and_unload().eval()
+    assert _packed(loaded)
+    for name, module in _packed(loaded).items():
+        torch.testing.assert_close(module.weight, merged.get_submodule(name).weight.float(), rtol=0, atol=1e-3)

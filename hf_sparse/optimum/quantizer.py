@@ -27,7 +27,8 @@ class HfSparseQuantizer(OptimumQuantizer):
     """Prune a causal LM to N:M (if needed) and export it in the hf_sparse format.
 
     Args:
-        model: a transformers model (or an AST ``PeftModel``, which the exporter merges).
+        model: a transformers model, or an AST ``PeftModel`` (its masks define the sparsity: nothing is
+            pruned, the exporter merges).
         n, m: the N:M pattern along the input dimension (2:4 is what GPUs accelerate).
         target_modules / exclude_modules: same syntax as :class:`hf_sparse.ASTConfig` (default: every
             Linear/Conv1D inside a decoder block except MoE routers).
@@ -89,6 +90,8 @@ class HfSparseQuantizer(OptimumQuantizer):
         from ..sparsity import is_nm_sparse, nm_mask
         from ..sparsity.nm import input_dim_of
 
+        if self._is_peft():
+            raise ValueError("HfSparseQuantizer.prune: an AST PeftModel is already N:M through its masks; call quantize()")
         if method not in PRUNE_METHODS:
             raise ValueError(f"HfSparseQuantizer: argument `prune`={method!r} must be one of {PRUNE_METHODS}")
         inner = self._inner_model()
@@ -136,11 +139,20 @@ class HfSparseQuantizer(OptimumQuantizer):
             )
         from ..export import export
 
-        self.prune(prune)
+        if self._is_peft():
+            targets = None  # the AST layers are the targets; their masks are already exact N:M
+        else:
+            self.prune(prune)
+            targets = self.target_names()
         return Path(
             export(
                 self.model, save_dir, bits=bits, group_size=group_size, symmetric=symmetric, method=method,
-                calibration_data=calibration_data, n=self.n, m=self.m, targets=self.target_names(), dtype=dtype,
+                calibration_data=calibration_data, n=self.n, m=self.m, targets=targets, dtype=dtype,
                 tokenizer=self.tokenizer, **export_kwargs,
             )
         )
+
+    def _is_peft(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
