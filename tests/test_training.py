@@ -224,11 +224,3 @@ def test_activation_score_recompute_uses_input_norms(tmp_path):
     assert bool(layer.ast_mask["default"][:, 0::4].all())
     callback.on_train_end(None, state, TrainerControl())
     assert not layer._forward_pre_hooks
-
-
-def test_fsdp_and_deepspeed_refused_clearly(tmp_path):
-    with pytest.raises((NotImplementedError, ValueError), match="FSDP|fsdp"):
-        ASTTrainer(
-            model=tiny_model("llama"), args=ast_args(tmp_path, fsdp="full_shard", ast_plot=False),
-            train_dataset=hamlet_blocks(32), data_collator=default_data_collator,
-        )

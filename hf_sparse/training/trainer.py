@@ -245,12 +245,15 @@ def _mask_padding(labels: torch.Tensor, attention_mask: Optional[torch.Tensor]) 
 
 def _check_distributed_support(trainer: Trainer) -> None:
     """FSDP and DeepSpeed shard the weights the masks live beside: refuse them at start, clearly."""
-    if trainer.is_fsdp_enabled or trainer.args.fsdp:
+    import os
+
+    env_true = lambda name: os.environ.get(name, "").lower() in ("1", "true", "yes")  # noqa: E731
+    if trainer.is_fsdp_enabled or trainer.args.fsdp or env_true("ACCELERATE_USE_FSDP"):
         raise NotImplementedError(
             "ASTTrainer does not support FSDP yet: masks, the masked-decay optimizer and the recompute need the "
             "full (unsharded) target weights. Use DDP (accelerate launch --multi_gpu), or a smaller model per GPU."
         )
-    if trainer.is_deepspeed_enabled or trainer.args.deepspeed:
+    if trainer.is_deepspeed_enabled or trainer.args.deepspeed or env_true("ACCELERATE_USE_DEEPSPEED"):
         raise NotImplementedError(
             "ASTTrainer does not support DeepSpeed yet: ZeRO partitions the weights the N:M masks apply to. "
             "Use DDP (accelerate launch --multi_gpu)."
