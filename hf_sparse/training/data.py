@@ -95,3 +95,30 @@ def tokenize_text(text: str, tokenizer: Any) -> list[int]:
     for start in range(0, len(text), piece):
         ids.extend(tokenizer(text[start : start + piece], add_special_tokens=False)["input_ids"])
     return ids
+
+
+class StreamingTextBlocks(torch.utils.data.IterableDataset):
+    """Blocks tokenized on the fly from a streaming `datasets` dataset (corpora too large to hold in memory)."""
+
+    def __init__(self, source: str, tokenizer: Any, block_size: int, *, config: Optional[str] = None,
+                 split: str = "train", text_column: str = "text", shuffle_buffer: int = 0, seed: int = 0) -> None:
+        self.source, self.tokenizer, self.block_size = source, tokenizer, block_size
+        self.config, self.split, self.text_column = config, split, text_column
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def __iter__(self):
+        import datasets
+
+        ds = datasets.load_dataset(self.source, self.config, split=self.split, streaming=True)
+        if self.shuffle_buffer:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        buffer: list[int] = []
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        for row in ds:
+            buffer.extend(tokenize_text(row[self.text_column], self.tokenizer))
+            if eos is not None:
+                buffer.append(eos)
+            while len(buffer) >= self.block_size:
+                block = torch.tensor(buffer[: self.block_size], dtype=torch.long)
+                del buffer[: self.block_size]
+                yield {"input_ids": block, "attention_mask": torch.ones_like(block), "labels": block.clone()}
