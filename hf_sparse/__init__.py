@@ -6,8 +6,11 @@
 from .sparsity import is_nm_sparse, nm_mask
 from .tuners.ast import ASTConfig, ASTModel, register_ast_with_peft
 from .tuners.masked_lora_merge import merge_lora_keep_mask
+from .export import export, fake_quantize
+from .integrations.transformers_quantizer import register_with_transformers
 
 register_ast_with_peft()
+register_with_transformers()  # AutoModelForCausalLM.from_pretrained loads hf_sparse exports
 
 __version__ = "0.1.0"
 
@@ -35,6 +38,8 @@ __all__ = [
     *_TRAINING_NAMES,
     "ASTConfig",
     "ASTModel",
+    "export",
+    "fake_quantize",
     "is_nm_sparse",
     "merge_lora_keep_mask",
     "nm_mask",

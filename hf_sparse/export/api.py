@@ -1,0 +1,394 @@
+"""``hf_sparse.export`` and ``hf_sparse.fake_quantize``: from an AST model to packed N:M safetensors.
+
+Accepted inputs: an AST ``PeftModel`` (read without merging: masks and SLoRB come from the AST layers and
+the caller's model is left untouched), a merged model (``SparseLinear`` modules carry SLoRB; plain
+linears must already be N:M sparse), or a checkpoint directory (an AST adapter or a merged model).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ..sparsity.nm import is_nm_sparse, nm_mask
+from ..tuners.ast.config import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_TARGET_PATTERN
+from ..tuners.ast.layer import ASTLayer, SparseLinear
+from ..tuners.ast.slorb import SLoRB
+from .format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
+from .quantize import PackedWeight, pack_gptq, pack_rtn
+from .writer import atomic_directory, write_json, write_shards
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export", "fake_quantize", "collect_sparse_linears", "collect_hessians", "SparseSource"]
+
+
+@dataclass
+class SparseSource:
+    """One N:M linear to export, in ``[out, in]`` layout whatever the module type."""
+
+    name: str
+    module: nn.Module  # the module whose inputs calibration hooks observe
+    weight: torch.Tensor  # [out, in], pruned entries may be non-zero (AST keeps them); the mask decides
+    mask: torch.Tensor  # bool [out, in], exactly N:M along in
+    bias: Optional[torch.Tensor]
+    slorb: Optional[SLoRB]
+    conv1d: bool
+
+
+def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, bool]:
+    """(the transformers model inside, whether it carries AST layers)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        PeftModel = ()  # type: ignore
+    if isinstance(model, PeftModel):
+        inner = model.base_model.model
+        if not any(isinstance(m, ASTLayer) for m in inner.modules()):
+            raise TypeError(
+                "export: argument `model` is a PeftModel without AST layers; merge other adapters first "
+                "(hf_sparse.merge_lora_keep_mask for a LoRA on a sparse model)"
+            )
+        return inner, True
+    return model, any(isinstance(m, ASTLayer) for m in model.modules())
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(p == name or p == last or re.fullmatch(p, name) for p in patterns)
+
+
+def _weight_mask(weight_out_in: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    w = weight_out_in.detach()
+    return nm_mask(w.abs().float() + (w != 0).float(), n, m, dim=1)
+
+
+def collect_sparse_linears(
+    model: nn.Module, n: int = 2, m: int = 4, targets: Optional[list[str]] = None
+) -> tuple[nn.Module, list[SparseSource]]:
+    """Find the N:M linears of ``model`` (AST layers, SparseLinear, or N:M-sparse Linear/Conv1D)."""
+    inner, has_ast = _unwrap_peft(model)
+    sources: list[SparseSource] = []
+    if has_ast:
+        for name, layer in inner.named_modules():
+            if not isinstance(layer, ASTLayer):
+                continue
+            adapter = next(a for a in layer.active_adapters if a in layer.ast_mask)
+            ln, lm = layer.ast_nm[adapter]
+            if (ln, lm) != (n, m):
+                raise ValueError(f"{name}: AST pattern {ln}:{lm} differs from export arguments n={n}, m={m}")
+            base = layer.get_base_layer()
+            conv = layer.fan_in_fan_out
+            w = base.weight.detach()
+            mask = layer.ast_mask[adapter]
+            slorb = layer.ast_slorb[adapter] if adapter in layer.ast_slorb else None
+            sources.append(
+                SparseSource(name, layer, w.t() if conv else w, mask.t() if conv else mask, base.bias, slorb, conv)
+            )
+        if targets is not None:
+            sources = [s for s in sources if _matches(s.name, targets)]
+        return inner, sources
+
+    explicit = targets is not None
+    for name, module in inner.named_modules():
+        if isinstance(module, SparseLinear):
+            conv = module.fan_in_fan_out
+            w = module.weight.detach().t() if conv else module.weight.detach()
+            if explicit and not _matches(name, targets):
+                continue
+            if not is_nm_sparse(w, n, m, dim=1):
+                raise ValueError(f"{name}: SparseLinear weight is not {n}:{m} sparse along the input dimension")
+            sources.append(SparseSource(name, module, w, _weight_mask(w, n, m), module.bias, module.slorb, conv))
+            continue
+        if not isinstance(module, (nn.Linear, Conv1D)) or not name:
+            continue
+        if explicit:
+            if not _matches(name, targets):
+                continue
+        elif not re.fullmatch(DEFAULT_TARGET_PATTERN, name) or _matches(name, DEFAULT_EXCLUDE_PATTERNS):
+            continue
+        conv = isinstance(module, Conv1D)
+        w = module.weight.detach().t() if conv else module.weight.detach()
+        if w.shape[1] % m or not is_nm_sparse(w, n, m, dim=1):
+            if explicit:
+                raise ValueError(
+                    f"{name}: argument `targets` names a module whose weight is not {n}:{m} sparse along the input "
+                    f"dimension; prune or train it first (hf_sparse.oneshot / AST)"
+                )
+            logger.warning("%s is not %d:%d sparse: exported dense", name, n, m)
+            continue
+        sources.append(SparseSource(name, module, w, _weight_mask(w, n, m), module.bias, None, conv))
+    if not sources:
+        raise ValueError(
+            f"export: no {n}:{m} sparse linear layer found in {type(inner).__name__} (argument `targets`={targets!r}); "
+            f"prune or train with AST first, or pass an AST PeftModel"
+        )
+    return inner, sources
+
+
+def _calibration_batches(calibration_data: Any) -> Iterable[dict[str, torch.Tensor]]:
+    if isinstance(calibration_data, torch.Tensor):
+        data = calibration_data if calibration_data.dim() == 2 else calibration_data.unsqueeze(0)
+        return [{"input_ids": row.unsqueeze(0)} for row in data]
+    out = []
+    for item in calibration_data:
+        if isinstance(item, torch.Tensor):
+            out.append({"input_ids": item if item.dim() == 2 else item.unsqueeze(0)})
+        elif isinstance(item, dict):
+            out.append(item)
+        else:
+            raise TypeError(f"argument `calibration_data`: expected tensors or dicts of tensors, got {type(item).__name__}")
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, sources: list[SparseSource], calibration_data: Any) -> dict[str, torch.Tensor]:
+    """``X^T X`` of every source module's input over the calibration batches (forward hooks, one pass).
+
+    One pass through the (sparse, unquantized) model, all targets at once: simple and fine for small and
+    medium models. hf_sparse.oneshot's sequential layer-by-layer calibration is the memory-lean route.
+    """
+    hessians: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def make_hook(name: str):
+        def hook(_module, args, _kwargs=None):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            h = hessians.get(name)
+            hessians[name] = x.t() @ x if h is None else h.add_(x.t() @ x)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    for s in sources:
+        hooks.append(s.module.register_forward_pre_hook(make_hook(s.name)))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for batch in tqdm(_calibration_batches(calibration_data), desc="GPTQ calibration", leave=False):
+            model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    missing = [s.name for s in sources if s.name not in hessians]
+    if missing:
+        raise RuntimeError(f"GPTQ calibration saw no inputs for {missing[:3]}...: is `calibration_data` empty?")
+    return {k: v / counts[k] for k, v in hessians.items()}
+
+
+def _make_spec(
+    sources: list[SparseSource], n: int, m: int, bits: int, group_size: Optional[int], symmetric: bool,
+    values_dtype: Optional[torch.dtype], model_dtype: torch.dtype,
+) -> NMSpec:
+    if values_dtype is None:
+        values_dtype = model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    slorbs = [s.slorb for s in sources if s.slorb is not None]
+    if slorbs and len(slorbs) != len(sources):
+        missing = [s.name for s in sources if s.slorb is None][:3]
+        raise ValueError(f"export: SLoRB present on some targets but not on {missing}...; all or none are supported")
+    slorb = None
+    if slorbs:
+        ks = {sl.k for sl in slorbs}
+        if len(ks) != 1:
+            raise ValueError(f"export: SLoRB group sizes differ across targets ({sorted(ks)})")
+        slorb = {"group_size": ks.pop(), "train_projection": any(sl.X is not None for sl in slorbs)}
+    spec = NMSpec(
+        n=n, m=m, bits=bits, group_size=group_size if bits < 16 else None, symmetric=symmetric,
+        values_dtype=dtype_name(values_dtype), targets=[s.name for s in sources], slorb=slorb,
+    )
+    for s in sources:
+        spec.check_shape(s.weight.shape[1], s.name)
+    return spec
+
+
+def _pack_all(
+    model: nn.Module, sources: list[SparseSource], spec: NMSpec, method: str, calibration_data: Any
+) -> dict[str, PackedWeight]:
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"argument `method` must be 'rtn' or 'gptq', got {method!r}")
+    hessians = None
+    if method == "gptq" and spec.bits < 16:
+        if calibration_data is None:
+            raise ValueError("argument `calibration_data` is required for method='gptq' (token ids or batches)")
+        hessians = collect_hessians(model, sources, calibration_data)
+    packed = {}
+    for s in tqdm(sources, desc=f"packing {spec.n}:{spec.m} int{spec.bits}" if spec.bits < 16 else "packing", leave=False):
+        if hessians is None:
+            packed[s.name] = pack_rtn(s.weight, s.mask, spec)
+        else:
+            packed[s.name] = pack_gptq(s.weight, s.mask, hessians.pop(s.name), spec)
+    return packed
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _load_for_export(path: Path) -> nn.Module:
+    """Load an AST adapter directory (base + adapter) or a merged checkpoint (restoring SLoRB branches)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    adapter_cfg = path / "adapter_config.json"
+    if adapter_cfg.exists():
+        from peft import PeftModel
+
+        cfg = json.loads(adapter_cfg.read_text())
+        base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype="auto")
+        return PeftModel.from_pretrained(base, str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    slorb_tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                for suffix in (SLORB_S, SLORB_X):
+                    if key.endswith("." + suffix):
+                        slorb_tensors.setdefault(key[: -len(suffix) - 1], {})[suffix] = f.get_tensor(key)
+    for name, tensors in slorb_tensors.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        conv = isinstance(module, Conv1D)
+        in_f, out_f = (module.weight.shape if conv else module.weight.shape[::-1])
+        S = tensors[SLORB_S]
+        slorb = SLoRB(in_f, out_f, in_f // S.shape[1], train_projection=SLORB_X in tensors)
+        with torch.no_grad():
+            slorb.S.copy_(S)
+            if SLORB_X in tensors:
+                slorb.X.copy_(tensors[SLORB_X])
+        setattr(parent, child, SparseLinear(module.weight, module.bias, slorb.to(module.weight.dtype), conv))
+    return model.eval()
+
+
+def _non_target_state(inner: nn.Module, targets: list[str], dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """State dict of everything that stays dense, tied duplicates removed, AST wrappers unwrapped."""
+    prefixes = tuple(t + "." for t in targets)
+    tied = set(getattr(inner, "all_tied_weights_keys", {}) or {})
+    state = {}
+    for key, value in inner.state_dict().items():
+        if key.startswith(prefixes) or key in tied:
+            continue
+        key = key.replace(".base_layer.", ".")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        state[key] = value
+    return state
+
+
+def export(
+    model: Union[nn.Module, str, Path],
+    out_dir: Union[str, Path],
+    bits: int = 16,
+    group_size: Optional[int] = 128,
+    symmetric: bool = True,
+    method: str = "rtn",
+    calibration_data: Any = None,
+    n: int = 2,
+    m: int = 4,
+    targets: Optional[list[str]] = None,
+    dtype: Optional[torch.dtype] = None,
+    tokenizer: Any = None,
+    card: Optional[dict[str, Any]] = None,
+    max_shard_size: int = 5 * 1024**3,
+    _fail_after_shards: Optional[int] = None,
+) -> Path:
+    """Write ``model`` as packed N:M (+ quantized) safetensors that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Args:
+        model: an AST PeftModel, a merged model, or a checkpoint directory of either.
+        out_dir: written atomically (temp dir beside it, then rename); an earlier export there survives failures.
+        bits: 16 keeps kept values in fp16/bf16; 8 or 4 quantizes them (unsigned codes + scales [+ zeros]).
+        group_size: input channels per scale (32/64/128...), ``None`` for one scale per output channel.
+        symmetric: symmetric codes (implicit zero 2**(bits-1)) or asymmetric (stored zero-points).
+        method: ``"rtn"`` or ``"gptq"`` (mask-respecting; needs ``calibration_data``: token ids or batches).
+        dtype: storage dtype of the dense rest (embeddings, norms, lm_head, biases, SLoRB); None keeps the model's.
+        card: model card fields (see :func:`hf_sparse.integrations.hub.render_model_card`); a card is always written.
+    """
+    if isinstance(model, (str, Path)):
+        model = _load_for_export(Path(model))
+    inner, sources = collect_sparse_linears(model, n, m, targets)
+    model_dtype = dtype or _model_dtype(inner)
+    spec = _make_spec(sources, n, m, bits, group_size, symmetric, dtype if dtype in (torch.float16, torch.bfloat16) else None, model_dtype)
+    packed = _pack_all(model, sources, spec, method, calibration_data)
+
+    tensors = _non_target_state(inner, spec.targets, dtype)
+    for s in sources:
+        p = packed[s.name]
+        tensors[f"{s.name}.{VALUES}"] = p.values
+        tensors[f"{s.name}.{POSITIONS}"] = p.positions
+        if p.scales is not None:
+            tensors[f"{s.name}.{SCALES}"] = p.scales
+        if p.zeros is not None:
+            tensors[f"{s.name}.{ZEROS}"] = p.zeros
+        if s.bias is not None:
+            tensors[f"{s.name}.bias"] = s.bias.detach().to(dtype or s.bias.dtype)
+        if s.slorb is not None:
+            tensors[f"{s.name}.{SLORB_S}"] = s.slorb.S.detach().to(dtype or s.slorb.S.dtype)
+            if s.slorb.X is not None:
+                tensors[f"{s.name}.{SLORB_X}"] = s.slorb.X.detach().to(dtype or s.slorb.X.dtype)
+
+    config = copy.deepcopy(inner.config)
+    config.quantization_config = spec.to_dict()
+    config.dtype = model_dtype
+    with atomic_directory(out_dir) as tmp:
+        write_shards(tensors, tmp, max_shard_bytes=max_shard_size, fail_after=_fail_after_shards)
+        config.save_pretrained(tmp)
+        generation_config = getattr(inner, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        card = dict(card or {})
+        card.setdefault("method", method if bits < 16 else "rtn")
+        if card.get("recipe") is not None:
+            write_json(card["recipe"], tmp / "hf_sparse_recipe.json")
+        from ..integrations.hub import write_model_card
+
+        write_model_card(tmp, spec, config, **card)
+    return Path(out_dir)
+
+
+@torch.no_grad()
+def fake_quantize(
+    model: nn.Module,
+    bits: int = 16,
+    group_size: Optional[int] = 128,
+    symmetric: bool = True,
+    method: str = "rtn",
+    calibration_data: Any = None,
+    n: int = 2,
+    m: int = 4,
+    targets: Optional[list[str]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """The in-memory twin of :func:`export`: target weights replaced by the exact dequantized N:M weights.
+
+    A PeftModel is merged (``merge_and_unload``) first; the result computes what the loaded export computes.
+    """
+    inner, sources = collect_sparse_linears(model, n, m, targets)
+    model_dtype = dtype or _model_dtype(inner)
+    spec = _make_spec(sources, n, m, bits, group_size, symmetric, dtype if dtype in (torch.float16, torch.bfloat16) else None, model_dtype)
+    packed = _pack_all(model, sources, spec, method, calibration_data)
+    if inner is not model or any(isinstance(mod, ASTLayer) for mod in inner.modules()):
+        inner = model.merge_and_unload() if hasattr(model, "merge_and_unload") else inner
+    for s in sources:
+        module = inner.get_submodule(s.name)
+        dense = packed[s.name].dense(spec, torch.float32)
+        module.weight.data.copy_((dense.t() if s.conv1d else dense).to(module.weight.dtype))
+    return inner

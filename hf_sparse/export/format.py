@@ -1,0 +1,278 @@
+"""The hf_sparse on-disk format, in code: names, shapes and dtypes of the packed tensors (docs/format.md).
+
+Per sparsified linear ``<name>`` with logical weight ``[out, in]`` (GPT-2 Conv1D is transposed to
+``[out, in]`` at export) and N:M sparsity along ``in``:
+
+* ``<name>.nm_values``: bits=16: the kept values (fp16/bf16) ``[out, in*N/M]``; bits=8: uint8 codes of the
+  same shape; bits=4: uint8 ``[out, in*N/M/2]``, two codes per byte, low nibble = even index.
+* ``<name>.nm_positions``: uint8, the in-group positions of the kept values bit-packed with
+  :func:`hf_sparse.sparsity.pack_bits` at ``position_bits(M)`` bits (``[out, in*N/M*2/8]`` for 2:4).
+* ``<name>.nm_scales``: ``[out, in/group_size]`` (group_size counts *original* input channels; per-channel
+  = ``[out, 1]``); ``<name>.nm_zeros`` (asymmetric only), same shape, zero-point in code units.
+  Dequantization: ``w = (code - zero) * scale``; symmetric uses ``zero = 2**(bits-1)`` (no zeros tensor).
+* ``<name>.bias`` as is; SLoRB: ``<name>.slorb.S`` (and ``<name>.slorb.X`` when the projection was trained).
+
+Both the writer and the loader derive expected shapes/dtypes from :class:`NMSpec`, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..sparsity.packing import pack_bits, position_bits, unpack_bits
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "VALUES",
+    "POSITIONS",
+    "SCALES",
+    "ZEROS",
+    "SLORB_S",
+    "SLORB_X",
+    "CHECKSUM_KEY",
+    "NMSpec",
+    "FormatError",
+    "expected_tensors",
+    "pack_codes",
+    "unpack_codes",
+    "dequantize_values",
+    "unpack_weight",
+]
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "hf_sparse"
+
+VALUES = "nm_values"
+POSITIONS = "nm_positions"
+SCALES = "nm_scales"
+ZEROS = "nm_zeros"
+SLORB_S = "slorb.S"
+SLORB_X = "slorb.X"
+# safetensors ``__metadata__`` keys written into every shard
+CHECKSUM_KEY = "hf_sparse.sha256"
+VERSION_KEY = "hf_sparse.format_version"
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class FormatError(ValueError):
+    """A checkpoint does not match the hf_sparse format (shape, dtype, N:M pattern, version, corruption)."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise FormatError(f"unsupported dtype name {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise FormatError(f"unsupported dtype {dtype}; expected one of {sorted(_DTYPES)}")
+
+
+@dataclass
+class NMSpec:
+    """Everything needed to read one export: the N:M pattern, the quantization and the targets.
+
+    Serialised as ``config.json["quantization_config"]`` (plus ``quant_method`` and ``format_version``).
+    ``values_dtype`` is the storage dtype of kept values when ``bits == 16``; ``scale_dtype`` that of
+    scales and zeros. ``slorb`` is ``None`` or ``{"group_size": k, "train_projection": bool}``.
+    """
+
+    n: int = 2
+    m: int = 4
+    bits: int = 16
+    group_size: Optional[int] = 128
+    symmetric: bool = True
+    values_dtype: str = "float16"
+    scale_dtype: str = "float16"
+    targets: list[str] = field(default_factory=list)
+    slorb: Optional[dict[str, Any]] = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise FormatError(
+                f"quantization_config.format_version={self.format_version!r} is not supported by this hf_sparse "
+                f"(reads version {FORMAT_VERSION}); upgrade hf_sparse or re-export the model."
+            )
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 1 <= self.n < self.m):
+            raise FormatError(f"quantization_config: invalid N:M pattern n={self.n!r}, m={self.m!r}")
+        if self.bits not in (4, 8, 16):
+            raise FormatError(f"quantization_config: argument `bits` must be 4, 8 or 16, got {self.bits!r}")
+        if self.group_size is not None:
+            if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % self.m:
+                raise FormatError(
+                    f"quantization_config: argument `group_size`={self.group_size!r} must be a positive multiple "
+                    f"of m={self.m} (it counts original input channels), or None for per-channel scales"
+                )
+        dtype_from_name(self.values_dtype)
+        dtype_from_name(self.scale_dtype)
+        if self.slorb is not None and not isinstance(self.slorb.get("group_size"), int):
+            raise FormatError(f"quantization_config.slorb must carry an integer group_size, got {self.slorb!r}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def has_zeros(self) -> bool:
+        return self.quantized and not self.symmetric
+
+    @property
+    def pos_bits(self) -> int:
+        return position_bits(self.m)
+
+    def kept(self, in_features: int) -> int:
+        return in_features * self.n // self.m
+
+    def num_groups(self, in_features: int) -> int:
+        return 1 if self.group_size is None else in_features // self.group_size
+
+    def kept_per_group(self, in_features: int) -> int:
+        return self.kept(in_features) // self.num_groups(in_features)
+
+    def check_shape(self, in_features: int, module_name: str) -> None:
+        """Raise naming the module when its input dimension cannot carry this spec."""
+        if in_features % self.m:
+            raise FormatError(f"{module_name}: in_features={in_features} is not divisible by m={self.m}")
+        if self.group_size is not None and in_features % self.group_size:
+            raise FormatError(
+                f"{module_name}: in_features={in_features} is not divisible by argument `group_size`={self.group_size}"
+            )
+        kept = self.kept(in_features)
+        if (kept * self.pos_bits) % 8:
+            raise FormatError(f"{module_name}: {kept} kept positions per row do not fill whole bytes")
+        if self.bits == 4 and kept % 2:
+            raise FormatError(f"{module_name}: {kept} kept values per row is odd; 4-bit codes pack two per byte")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["quant_method"] = QUANT_METHOD
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NMSpec":
+        data = dict(data)
+        method = data.pop("quant_method", QUANT_METHOD)
+        if str(method) != QUANT_METHOD:
+            raise FormatError(f"quantization_config.quant_method={method!r}, expected {QUANT_METHOD!r}")
+        if "format_version" not in data:
+            raise FormatError("quantization_config has no `format_version`: not an hf_sparse export")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        for key in unknown:
+            data.pop(key)
+        return cls(**data)
+
+
+def expected_tensors(spec: NMSpec, out_features: int, in_features: int, has_bias: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Suffix -> (shape, dtype) of every tensor one packed linear stores (bias dtype: the model's, checked loosely)."""
+    kept = spec.kept(in_features)
+    if spec.bits == 16:
+        values = ((out_features, kept), dtype_from_name(spec.values_dtype))
+    elif spec.bits == 8:
+        values = ((out_features, kept), torch.uint8)
+    else:
+        values = ((out_features, kept // 2), torch.uint8)
+    tensors = {
+        VALUES: values,
+        POSITIONS: ((out_features, kept * spec.pos_bits // 8), torch.uint8),
+    }
+    if spec.quantized:
+        scale_shape = (out_features, spec.num_groups(in_features))
+        tensors[SCALES] = (scale_shape, dtype_from_name(spec.scale_dtype))
+        if spec.has_zeros:
+            tensors[ZEROS] = (scale_shape, dtype_from_name(spec.scale_dtype))
+    if has_bias:
+        tensors["bias"] = ((out_features,), torch.float32)
+    if spec.slorb is not None:
+        k = spec.slorb["group_size"]
+        tensors[SLORB_S] = ((out_features, in_features // k), torch.float32)
+        if spec.slorb.get("train_projection"):
+            tensors[SLORB_X] = ((in_features // k, in_features), torch.float32)
+    return tensors
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes -> stored ``nm_values`` (4-bit: two per byte, low nibble = even index)."""
+    return pack_bits(codes, 4) if bits == 4 else codes.to(torch.uint8)
+
+
+def unpack_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_bits(stored, 4) if bits == 4 else stored
+
+
+def dequantize_values(
+    values: torch.Tensor,
+    scales: Optional[torch.Tensor],
+    zeros: Optional[torch.Tensor],
+    spec: NMSpec,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Kept values ``[out, kept]`` as floats: ``(code - zero) * scale`` per group (bits=16: a cast).
+
+    Computed in float32 then cast, so the writer's fake quantization and the loader agree bit for bit.
+    """
+    if spec.bits == 16:
+        return values.to(dtype)
+    codes = unpack_codes(values, spec.bits).to(torch.float32)
+    rows, kept = codes.shape
+    groups = scales.shape[1]
+    codes = codes.reshape(rows, groups, kept // groups)
+    zero = zeros.to(torch.float32).unsqueeze(-1) if zeros is not None else float(2 ** (spec.bits - 1))
+    deq = (codes - zero) * scales.to(torch.float32).unsqueeze(-1)
+    return deq.reshape(rows, kept).to(dtype)
+
+
+def unpack_positions(positions: torch.Tensor, spec: NMSpec, kept: int) -> torch.Tensor:
+    return unpack_bits(positions, spec.pos_bits)[:, :kept]
+
+
+def unpack_weight(
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    scales: Optional[torch.Tensor],
+    zeros: Optional[torch.Tensor],
+    spec: NMSpec,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The dense ``[out, in]`` N:M weight (zeros at pruned places), exactly dequantized."""
+    deq = dequantize_values(values, scales, zeros, spec, dtype)
+    pos = unpack_positions(positions, spec, deq.shape[1])
+    rows, kept = deq.shape
+    dense = torch.zeros(rows, kept // spec.n, spec.m, dtype=dtype, device=deq.device)
+    dense.scatter_(-1, pos.reshape(rows, -1, spec.n).long(), deq.reshape(rows, -1, spec.n))
+    return dense.reshape(rows, -1)
+
+
+def positions_valid(positions: torch.Tensor, spec: NMSpec, kept: int) -> bool:
+    """True when every group's positions are strictly increasing and < M (what compress_nm writes)."""
+    pos = unpack_positions(positions, spec, kept).reshape(positions.shape[0], -1, spec.n).to(torch.int16)
+    if bool((pos >= spec.m).any()):
+        return False
+    return spec.n == 1 or bool((pos[..., 1:] > pos[..., :-1]).all())
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def packed_bytes(spec: NMSpec, out_features: int, in_features: int) -> int:
+    """Bytes one packed weight takes on disk (without bias/SLoRB): used by benchmarks and docs."""
+    total = 0
+    for suffix, (shape, dtype) in expected_tensors(spec, out_features, in_features, False).items():
+        if suffix in (SLORB_S, SLORB_X):
+            continue
+        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return total

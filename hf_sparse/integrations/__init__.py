@@ -1,0 +1,1 @@
+"""Hooks into the Hugging Face libraries: transformers' quantizer registry, the Hub, compressed-tensors."""

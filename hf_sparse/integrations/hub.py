@@ -1,0 +1,140 @@
+"""Model cards and the Hub upload of an export.
+
+Every export gets a ``README.md`` rendered with :class:`huggingface_hub.ModelCard` from
+``model_cards/hf_sparse_model_card.md``. :data:`UPLOAD_ALLOW_PATTERNS` / :data:`UPLOAD_IGNORE_PATTERNS`
+define exactly what ``hf-sparse export --push-to-hub`` uploads; :func:`upload_file_set` computes that set
+with huggingface_hub's own filter (the one ``upload_folder`` applies), so it can be checked offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import filter_repo_objects
+
+from ..export.format import NMSpec
+
+__all__ = [
+    "TEMPLATE_PATH",
+    "UPLOAD_ALLOW_PATTERNS",
+    "UPLOAD_IGNORE_PATTERNS",
+    "render_model_card",
+    "write_model_card",
+    "upload_file_set",
+    "push_export_to_hub",
+]
+
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "hf_sparse_model_card.md"
+
+UPLOAD_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "hf_sparse_recipe.json",
+    "README.md",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "recipe.yaml",
+]
+# never upload temp/hidden files or training leftovers that happen to sit beside an export
+UPLOAD_IGNORE_PATTERNS = [".*", "*/.*", "*.tmp*", "checkpoint-*", "checkpoint-*/*", "runs/*", "*.pt", "*.bin", "*.pth"]
+
+
+def render_model_card(
+    spec: NMSpec,
+    config: Any = None,
+    base_model: Optional[str] = None,
+    recipe: Optional[Any] = None,
+    token_budget: Optional[int | str] = None,
+    evaluation: Optional[list[dict[str, Any]]] = None,
+    method: str = "rtn",
+    repo_id: Optional[str] = None,
+    model_name: Optional[str] = None,
+    license: Optional[str] = None,
+    template_path: Optional[str | Path] = None,
+) -> ModelCard:
+    """Render the card. ``evaluation``: rows ``{"metric": ..., "dense": ..., "sparse": ...}``."""
+    architecture = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+    base_model = base_model or getattr(config, "_name_or_path", None) or None
+    tags = ["hf_sparse", f"{spec.n}:{spec.m}-sparsity", "semi-structured-sparsity"]
+    if spec.bits < 16:
+        tags.append(f"int{spec.bits}")
+    card_data = ModelCardData(
+        library_name="transformers",
+        tags=tags,
+        base_model=base_model if base_model and "/" in str(base_model) and not Path(str(base_model)).exists() else None,
+        license=license,
+        pipeline_tag="text-generation",
+    )
+    if isinstance(recipe, (dict, list)):
+        recipe_text = yaml.safe_dump(recipe, sort_keys=False).strip()
+    else:
+        recipe_text = str(recipe).strip() if recipe else None
+    group_desc = "per-channel scales" if spec.group_size is None else f"group size {spec.group_size}"
+    slorb_desc = "none" if spec.slorb is None else f"k={spec.slorb['group_size']}" + (
+        ", trained projection" if spec.slorb.get("train_projection") else ""
+    )
+    if token_budget is not None and isinstance(token_budget, int):
+        token_budget = f"{token_budget:,}"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path or TEMPLATE_PATH),
+        model_name=model_name or (repo_id.split("/")[-1] if repo_id else f"{Path(str(base_model or 'model')).name}-{spec.n}of{spec.m}-sparse"),
+        n=spec.n,
+        m=spec.m,
+        bits=spec.bits,
+        symmetric=spec.symmetric,
+        values_dtype=spec.values_dtype,
+        group_desc=group_desc,
+        method=method,
+        num_targets=len(spec.targets),
+        slorb_desc=slorb_desc,
+        architecture=architecture,
+        base_model=base_model,
+        recipe=recipe_text,
+        token_budget=token_budget,
+        evaluation=evaluation or [],
+        format_version=spec.format_version,
+        repo_id=repo_id,
+    )
+
+
+def write_model_card(directory: str | Path, spec: NMSpec, config: Any = None, **fields: Any) -> Path:
+    """Render the card into ``directory/README.md`` (called by every export)."""
+    path = Path(directory) / "README.md"
+    render_model_card(spec, config, **fields).save(str(path))
+    return path
+
+
+def upload_file_set(directory: str | Path) -> list[str]:
+    """The relative paths ``upload_folder(..., allow_patterns=..., ignore_patterns=...)`` would upload."""
+    root = Path(directory).resolve()
+    files = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+    return list(filter_repo_objects(files, allow_patterns=UPLOAD_ALLOW_PATTERNS, ignore_patterns=UPLOAD_IGNORE_PATTERNS))
+
+
+def push_export_to_hub(directory: str | Path, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
+                       commit_message: str = "Upload hf_sparse export") -> Any:
+    """Create ``repo_id`` if needed and upload the export's file set (network)."""
+    from huggingface_hub import HfApi
+
+    config = json.loads((Path(directory) / "config.json").read_text())
+    if config.get("quantization_config", {}).get("quant_method") not in ("hf_sparse", "compressed-tensors"):
+        raise ValueError(f"{directory} is not an hf_sparse export (config.json has no hf_sparse quantization_config)")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(directory),
+        allow_patterns=UPLOAD_ALLOW_PATTERNS,
+        ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        commit_message=commit_message,
+    )
