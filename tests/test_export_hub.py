@@ -68,3 +68,28 @@ def test_cli_export_round_trip(tmp_path, input_ids):
     with torch.no_grad():
         assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
     assert "me/base" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_trainer_push_to_hub_file_set_and_card(tmp_path):
+    """An export in a Trainer's output_dir: the card the Trainer would push is ours, the file set is exact."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_sparse.integrations.hub import create_model_card_for_trainer, trainer_upload_file_set
+
+    out = tmp_path / "run"
+    hf_sparse.export(ast_model("llama"), out, bits=4, group_size=32, card=CARD)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    from peft import LoraConfig, get_peft_model
+
+    trainer = Trainer(model=get_peft_model(loaded, LoraConfig(r=2, target_modules=["q_proj"])),
+                      args=TrainingArguments(output_dir=str(out), report_to=[], include_num_input_tokens_seen=True))
+    trainer.state.num_input_tokens_seen = 12345
+    (out / "_tmp_upload").write_text("x")  # Trainer ignores "_*"
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / "x.safetensors").write_bytes(b"0")
+    assert create_model_card_for_trainer(trainer, evaluation=CARD["evaluation"])
+    card = ModelCard.load(out / "README.md")
+    assert "12,345" in card.text and "| wikitext ppl | 21.3 | 24.9 |" in card.text and "int4" in card.text
+    assert trainer_upload_file_set(out) == [
+        "README.md", "config.json", "generation_config.json", "hf_sparse_recipe.json", "model.safetensors",
+    ]
