@@ -245,3 +245,20 @@ def test_unpack_weight_matches_module_weight(tmp_path):
     mod = loaded.model.layers[0].mlp.down_proj
     w = unpack_weight(mod.nm_values, mod.nm_positions, mod.nm_scales, None, mod.spec)
     assert torch.equal(w, mod.weight) and is_nm_sparse(w, 2, 4)
+
+
+def test_ragged_last_group_round_trip(tmp_path, input_ids):
+    """in_features not a multiple of group_size (SmolLM2: 576 = 4x128 + 64): the last group is shorter."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=96, num_attention_heads=4, num_hidden_layers=1,
+                                   intermediate_size=160, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg).eval(), ASTConfig())
+    hf_sparse.export(model, tmp_path / "r", bits=4, group_size=64, symmetric=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    assert loaded.model.layers[0].self_attn.q_proj.nm_scales.shape == (96, 2)  # ceil(96 / 64)
+    assert loaded.model.layers[0].mlp.down_proj.nm_scales.shape == (96, 3)  # ceil(160 / 64)
+    ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=64, symmetric=False)
+    with torch.no_grad():
+        assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5

@@ -73,4 +73,6 @@ def test_refusals_are_clear(tmp_path):
         export_compressed_tensors(ast_model("llama", slorb=True), tmp_path / "x", bits=4, group_size=32)
     with pytest.raises(ValueError, match="Conv1D"):
         export_compressed_tensors(ast_model("gpt2"), tmp_path / "x", bits=4, group_size=32)
+    with pytest.raises(ValueError, match="in_features divisible by argument `group_size`=128"):
+        export_compressed_tensors(ast_model("llama"), tmp_path / "x", bits=4, group_size=128)  # 64 inputs
     assert not (tmp_path / "x").exists()

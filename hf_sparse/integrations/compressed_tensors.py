@@ -77,6 +77,14 @@ def export_compressed_tensors(
             f"--format compressed-tensors quantizes nn.Linear only; {conv[0]} is a GPT-2 Conv1D. Use bits=16 "
             f"(dense with zeros) or --format hf_sparse"
         )
+    if bits < 16 and spec.group_size is not None:
+        ragged = [s for s in sources if s.weight.shape[1] % spec.group_size]
+        if ragged:
+            raise ValueError(
+                f"--format compressed-tensors needs in_features divisible by argument `group_size`={spec.group_size}; "
+                f"{ragged[0].name} has {ragged[0].weight.shape[1]} inputs. Choose a divisor (e.g. 64 for 576) or "
+                f"per-channel scales (group_size=None)"
+            )
     packed = _pack_all(model, sources, spec, method, calibration_data)
     state = _non_target_state(inner, spec.targets, dtype)
     for s in sources:

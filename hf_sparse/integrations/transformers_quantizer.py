@@ -197,6 +197,28 @@ class HfSparseQuantizer(HfQuantizer):
                 raise FormatError(f"{name}.{VALUES} holds NaN/inf values: corrupted checkpoint")
         return model
 
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: dense N:M ``nn.Linear`` layers (zeros stored), SLoRB kept as SparseLinear."""
+        from ..tuners.ast.layer import SparseLinear
+
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, PackedNMLinear):
+                continue
+            wdtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+            weight = module.dequantized_weight(wdtype)
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=weight.device, dtype=wdtype)
+            with torch.no_grad():
+                dense.weight.copy_(weight)
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            new: nn.Module = dense
+            if module.slorb is not None:
+                new = SparseLinear(dense.weight, dense.bias, module.slorb, fan_in_fan_out=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        return model
+
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True
 
