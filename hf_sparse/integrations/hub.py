@@ -133,9 +133,9 @@ def push_export_to_hub(directory: str | Path, repo_id: str, private: Optional[bo
     """Create ``repo_id`` if needed and upload the export's file set (network)."""
     from huggingface_hub import HfApi
 
-    config = json.loads((Path(directory) / "config.json").read_text())
-    if config.get("quantization_config", {}).get("quant_method") not in ("hf_sparse", "compressed-tensors"):
-        raise ValueError(f"{directory} is not an hf_sparse export (config.json has no hf_sparse quantization_config)")
+    files = upload_file_set(directory)
+    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"{directory} is not an export: it needs config.json and safetensors weights")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(
