@@ -262,3 +262,19 @@ def test_ragged_last_group_round_trip(tmp_path, input_ids):
     ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=64, symmetric=False)
     with torch.no_grad():
         assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_roundtrip_slorb_with_trained_projection(tmp_path, arch, input_ids):
+    model = ast_model(arch, slorb=True, slorb_train_projection=True)
+    with torch.no_grad():  # a trained X differs from the 0/1 group sums
+        for m in model.modules():
+            if isinstance(m, ASTLayer):
+                for s in m.ast_slorb.values():
+                    s.X.add_(0.01 * torch.randn_like(s.X))
+    hf_sparse.export(model, tmp_path / "x", bits=4, group_size=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "x")
+    assert loaded.config.quantization_config.slorb == {"group_size": 16, "train_projection": True}
+    ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=32)
+    with torch.no_grad():
+        assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5

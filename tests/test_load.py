@@ -191,3 +191,12 @@ def test_dequantize_gives_dense_nm_model(tmp_path, slorb, input_ids):
     assert hf_sparse.is_nm_sparse(dense.get_submodule(Q).weight, 2, 4)
     with torch.no_grad():
         assert rel_err(want, dense(input_ids).logits) <= 1e-6
+
+
+def test_checksum_verification_can_be_skipped(tmp_path, export_dir, monkeypatch):
+    d = copy_export(export_dir, tmp_path / "skip")
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-100] ^= 0x01  # a flipped low bit in fp16 embedding data: only the checksum can see it
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    monkeypatch.setenv("HF_SPARSE_VERIFY_CHECKSUMS", "0")
+    AutoModelForCausalLM.from_pretrained(d)  # loads: nothing else is wrong

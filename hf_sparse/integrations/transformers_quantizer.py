@@ -10,6 +10,7 @@ copy of the model is ever built. After loading it checks that the positions enco
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -38,7 +39,9 @@ class HfSparseConfig(QuantizationConfigMixin):
     """``config.json["quantization_config"]`` of an hf_sparse export (see docs/format.md).
 
     ``verify_checksums`` is a loading option (not saved): hash every shard's tensors against the checksum
-    the exporter wrote, to tell corruption from a format mismatch. It costs one extra read of the files.
+    the exporter wrote, to tell corruption from a format mismatch. It costs one extra read of the files;
+    set the environment variable ``HF_SPARSE_VERIFY_CHECKSUMS=0`` to skip it (transformers does not pass
+    loading options of third-party configs through ``from_pretrained``).
     """
 
     def __init__(
@@ -64,7 +67,7 @@ class HfSparseConfig(QuantizationConfigMixin):
         self.targets = list(targets or [])
         self.slorb = slorb
         self.format_version = format_version
-        self.verify_checksums = verify_checksums
+        self.verify_checksums = verify_checksums and os.environ.get("HF_SPARSE_VERIFY_CHECKSUMS", "1") != "0"
         self.spec  # validates (version, pattern, bits, group size) with errors naming the field
 
     @property
