@@ -223,6 +223,11 @@ def test_failed_export_leaves_no_partial_dir_and_keeps_earlier_export(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     loaded = AutoModelForCausalLM.from_pretrained(out)  # the earlier export still loads
     assert loaded.config.quantization_config.bits == 4
+    # a successful export replaces it whole (no stale files from the old one, no leftovers beside it)
+    hf_sparse.export(model, out, bits=8, group_size=32, max_shard_size=20_000)
+    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.bits == 8
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
 def test_sharded_export_loads(tmp_path, input_ids):
@@ -278,3 +283,15 @@ def test_roundtrip_slorb_with_trained_projection(tmp_path, arch, input_ids):
     ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=32)
     with torch.no_grad():
         assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "opt", "mixtral"])
+def test_roundtrip_other_architectures(tmp_path, arch, input_ids):
+    model = ast_model(arch)
+    hf_sparse.export(model, tmp_path / arch, bits=4, group_size=32)
+    ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / arch)
+    with torch.no_grad():
+        assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
+    out = loaded.generate(input_ids[:, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (input_ids.shape[0], 7)
