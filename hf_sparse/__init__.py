@@ -14,7 +14,28 @@ register_with_transformers()  # AutoModelForCausalLM.from_pretrained loads hf_sp
 
 __version__ = "0.1.0"
 
+# Training names import transformers.Trainer: loaded on first use so `import hf_sparse` stays light.
+_TRAINING_NAMES = (
+    "ASTTrainer",
+    "ASTTrainingArguments",
+    "ASTMaskCallback",
+    "ASTPlotCallback",
+    "MaskedDecayAdamW",
+    "NonFiniteLossError",
+    "add_ast_callbacks",
+)
+
+
+def __getattr__(name: str):
+    if name in _TRAINING_NAMES:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'hf_sparse' has no attribute {name!r}")
+
+
 __all__ = [
+    *_TRAINING_NAMES,
     "ASTConfig",
     "ASTModel",
     "export",

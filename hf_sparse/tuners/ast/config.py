@@ -35,6 +35,13 @@ class ASTConfig(PeftConfig):
         mask_score: score used by the periodic recomputes: ``"magnitude"`` (the paper) or ``"activation"``
             (|W|·running input norm).
         mask_update_interval: recompute the mask every this many optimizer steps (paper: 10). 0 keeps it fixed.
+        mask_update_start: first optimizer step at which recomputes may happen (0: from the first interval on);
+            lets the weights adapt to a one-shot initial mask before magnitude takes over.
+        mask_update_stop: last optimizer step at which recomputes may happen (``None``: to the end); freezing
+            the mask for the final steps lets the kept weights settle.
+        activation_norm_ema: for ``mask_score="activation"``: ``None`` scores with the sum of squared inputs
+            seen since the last recompute; a float in (0, 1) keeps an exponential moving average of per-batch
+            squared norms with this decay instead (the score never forgets older batches entirely).
         masked_decay_peak: peak λ of the masked (SR-STE) decay on pruned weights.
         masked_decay_ramp_steps: steps over which λ ramps linearly from 0 to the peak; ``None`` = 25% of training.
         use_slorb: add the SLoRB branch ``S·(X·x)`` beside each sparse weight.
@@ -53,6 +60,9 @@ class ASTConfig(PeftConfig):
     mask_init: str = field(default="magnitude", metadata={"help": "magnitude | wanda | sparsegpt"})
     mask_score: str = field(default="magnitude", metadata={"help": "recompute score: magnitude | activation"})
     mask_update_interval: int = field(default=10, metadata={"help": "optimizer steps between mask recomputes"})
+    mask_update_start: int = field(default=0, metadata={"help": "first step at which masks are recomputed"})
+    mask_update_stop: Optional[int] = field(default=None, metadata={"help": "last step at which masks are recomputed"})
+    activation_norm_ema: Optional[float] = field(default=None, metadata={"help": "EMA decay of input norms"})
     masked_decay_peak: float = field(default=1e-4, metadata={"help": "peak lambda of the masked decay"})
     masked_decay_ramp_steps: Optional[int] = field(default=None, metadata={"help": "linear ramp length of lambda"})
     use_slorb: bool = field(default=False, metadata={"help": "add SLoRB low-rank branches"})
@@ -76,6 +86,12 @@ class ASTConfig(PeftConfig):
             raise ValueError(f"ASTConfig: argument `slorb_group_size` must be >= 1, got {self.slorb_group_size}")
         if self.mask_update_interval < 0:
             raise ValueError(f"ASTConfig: argument `mask_update_interval` must be >= 0, got {self.mask_update_interval}")
+        if self.mask_update_start < 0:
+            raise ValueError(f"ASTConfig: argument `mask_update_start` must be >= 0, got {self.mask_update_start}")
+        if self.activation_norm_ema is not None and not 0.0 < self.activation_norm_ema < 1.0:
+            raise ValueError(
+                f"ASTConfig: argument `activation_norm_ema` must be None or in (0, 1), got {self.activation_norm_ema}"
+            )
         if self.masked_decay_peak < 0:
             raise ValueError(f"ASTConfig: argument `masked_decay_peak` must be >= 0, got {self.masked_decay_peak}")
         if self.mask_score not in ("magnitude", "activation"):

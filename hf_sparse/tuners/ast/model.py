@@ -7,7 +7,7 @@ import re
 from typing import Any, Iterator, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -36,14 +36,23 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 def resolve_targets(model: nn.Module, config: ASTConfig) -> list[str]:
     """Qualified names of the modules AST sparsifies, validated; errors name the module and the argument."""
+    return _resolve(model, config)[0]
+
+
+def _resolve(model: nn.Module, config: ASTConfig) -> tuple[list[str], set[str]]:
+    """(targets, names the exclude patterns removed)."""
     user_targets = _as_patterns(config.target_modules)
     includes = user_targets or [DEFAULT_TARGET_PATTERN]
     excludes = _as_patterns(config.exclude_modules) if config.exclude_modules is not None else list(DEFAULT_EXCLUDE_PATTERNS)
     targets: list[str] = []
+    excluded: set[str] = set()
     for name, module in model.named_modules():
         if not name or isinstance(module, ASTLayer) or ".ast_slorb" in name or ".base_layer" in name:
             continue
-        if not _matches(name, includes) or _matches(name, excludes):
+        if not _matches(name, includes):
+            continue
+        if _matches(name, excludes):
+            excluded.add(name)
             continue
         if not isinstance(module, SUPPORTED_TYPES):
             if user_targets and (name.rsplit(".", 1)[-1] in user_targets or any(re.fullmatch(p, name) for p in user_targets)):
@@ -60,7 +69,7 @@ def resolve_targets(model: nn.Module, config: ASTConfig) -> list[str]:
             f"matched no nn.Linear/Conv1D module of {type(model).__name__}."
         )
     _log_dense_parameters(model, targets)
-    return targets
+    return targets, excluded
 
 
 def _log_dense_parameters(model: nn.Module, targets: list[str]) -> None:
@@ -94,9 +103,12 @@ class ASTModel(BaseTuner):
         return peft_config  # targets are resolved against the model in _prepare_model
 
     def _prepare_model(self, peft_config: ASTConfig, model: nn.Module) -> None:
-        self._ast_targets = set(resolve_targets(model, peft_config))
+        targets, excluded = _resolve(model, peft_config)
+        self._ast_targets, self._ast_excluded = set(targets), excluded
 
-    def _check_target_module_exists(self, peft_config: ASTConfig, key: str) -> bool:  # type: ignore[override]
+    def _check_target_module_exists(self, peft_config: ASTConfig, key: str):  # type: ignore[override]
+        if key in getattr(self, "_ast_excluded", ()):
+            return _ExcludedModule()  # lets PEFT's bookkeeping know exclude_modules did its job
         return key in getattr(self, "_ast_targets", ())
 
     def _check_new_adapter_config(self, config: ASTConfig) -> None:

@@ -1,0 +1,62 @@
+"""ASTTrainingArguments: TrainingArguments plus the knobs of AST's distillation and teacher placement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import TrainingArguments
+
+__all__ = ["ASTTrainingArguments"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ASTTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` for :class:`~hf_sparse.ASTTrainer`.
+
+    The mask schedule (N:M, Δt, λ peak and ramp, score) lives in :class:`~hf_sparse.ASTConfig` because it is
+    saved with the adapter; what only matters while training lives here.
+
+    Args:
+        distill_alpha: weight α of ``α·T²·KL(teacher‖student) + (1−α)·CE`` (paper: ≈0.67 for GPT-2, 0.5 for
+            LLaMA). ``0`` trains on CE only and never runs the teacher.
+        distill_temperature: softmax temperature T of the distillation term (paper: 2).
+        teacher_dtype: dtype the teacher runs in (``"bfloat16"``, ``"float16"``, ``"float32"``); ``None`` keeps
+            the student's dtype. A lower-precision teacher halves its memory.
+        teacher_device: device of the teacher (e.g. ``"cuda:1"``, ``"cpu"``); ``None`` = the training device.
+        ast_masked_decay_optimizer: build the paper's masked-decay AdamW by default (decay of pruned weights kept
+            out of the first moment). ``False`` uses the Trainer's optimizer and adds the decay to the gradient.
+        ast_plot: write ``ast_training.png`` (loss, flip rate, λ vs step) into ``output_dir`` at the end.
+        ast_stop_on_nonfinite_loss: stop with :class:`NonFiniteLossError` (before the optimizer step, so the last
+            checkpoint stays the last good state) when the loss is NaN/inf.
+    """
+
+    distill_alpha: float = field(default=0.67, metadata={"help": "weight of the KL(teacher||student) term"})
+    distill_temperature: float = field(default=2.0, metadata={"help": "distillation softmax temperature"})
+    teacher_dtype: Optional[str] = field(default=None, metadata={"help": "teacher dtype: bfloat16|float16|float32"})
+    teacher_device: Optional[str] = field(default=None, metadata={"help": "teacher device; default training device"})
+    ast_masked_decay_optimizer: bool = field(default=True, metadata={"help": "use the masked-decay AdamW"})
+    ast_plot: bool = field(default=True, metadata={"help": "write ast_training.png at train end"})
+    ast_stop_on_nonfinite_loss: bool = field(default=True, metadata={"help": "stop on NaN/inf loss"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"ASTTrainingArguments: argument `distill_alpha` must be in [0, 1], got {self.distill_alpha}")
+        if self.distill_temperature <= 0:
+            raise ValueError(
+                f"ASTTrainingArguments: argument `distill_temperature` must be > 0, got {self.distill_temperature}"
+            )
+        if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
+            raise ValueError(
+                f"ASTTrainingArguments: argument `teacher_dtype` must be one of {sorted(_DTYPES)} or None, "
+                f"got {self.teacher_dtype!r}"
+            )
+
+    @property
+    def teacher_torch_dtype(self) -> Optional[torch.dtype]:
+        return None if self.teacher_dtype is None else _DTYPES[self.teacher_dtype]

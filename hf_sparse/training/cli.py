@@ -1,0 +1,126 @@
+"""``hf-sparse train RECIPE.yaml [--set section.key=value ...]``: build the model, data and ASTTrainer, then train.
+
+Library entry: :func:`build_trainer` (returns the ready ASTTrainer) so scripts and notebooks get the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Optional
+
+import torch
+
+from .recipe import Recipe, RecipeError, RecipeSaveCallback, load_recipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_arguments", "run", "build_trainer"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe (see recipes/ and docs/training.md)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe entry, e.g. --set training.max_steps=100 (repeatable)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="resume from the last checkpoint in output_dir, or from CHECKPOINT")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, no training")
+
+
+def _load_model(recipe: Recipe, section: str) -> Optional[torch.nn.Module]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = recipe[section]
+    if spec.get("config"):
+        cfg = dict(spec["config"])
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise RecipeError(f"{recipe.path}: `{section}.config` needs `model_type` (e.g. llama)")
+        seed = recipe["training"].get("seed", 42)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    if not spec.get("name_or_path"):
+        return None
+    kwargs: dict[str, Any] = {}
+    if spec.get("dtype"):
+        kwargs["dtype"] = _DTYPES[spec["dtype"]]
+    for key in ("gguf_file", "revision", "trust_remote_code"):
+        if spec.get(key) is not None:
+            kwargs[key] = spec[key]
+    return AutoModelForCausalLM.from_pretrained(recipe.resolve_path(spec["name_or_path"]), **kwargs)
+
+
+def _load_tokenizer(recipe: Recipe) -> Any:
+    from .data import CharTokenizer
+
+    spec = recipe["model"]
+    name = spec.get("tokenizer") or spec.get("name_or_path")
+    if name == "char":
+        return CharTokenizer()
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": spec["gguf_file"]} if spec.get("gguf_file") and not spec.get("tokenizer") else {}
+    return AutoTokenizer.from_pretrained(recipe.resolve_path(name), **kwargs)
+
+
+def _load_data(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any]:
+    from .data import StreamingTextBlocks, TextBlocks, load_text, tokenize_text
+
+    spec = recipe["data"]
+    block = int(spec["block_size"])
+    source = recipe.resolve_path(str(spec["path"]))
+    if spec.get("streaming"):
+        train = StreamingTextBlocks(source, tokenizer, block, config=spec.get("config"), split=spec.get("split", "train"),
+                                    text_column=spec.get("text_column", "text"),
+                                    shuffle_buffer=int(spec.get("shuffle_buffer") or 0))
+        return train, None
+    text = load_text(source, config=spec.get("config"), split=spec.get("split", "train"),
+                     text_column=spec.get("text_column", "text"), max_chars=spec.get("max_chars"))
+    blocks = TextBlocks(tokenize_text(text, tokenizer), block, spec.get("max_blocks"))
+    fraction = float(spec.get("eval_fraction") or 0.0)
+    if fraction <= 0:
+        return blocks, None
+    n_eval = max(1, int(len(blocks) * fraction))
+    indices = list(range(len(blocks)))
+    return (torch.utils.data.Subset(blocks, indices[:-n_eval]), torch.utils.data.Subset(blocks, indices[-n_eval:]))
+
+
+def build_trainer(recipe: Recipe):
+    """Model, teacher, data and an ASTTrainer (with the recipe saved next to every checkpoint)."""
+    from transformers import default_data_collator
+
+    from .trainer import ASTTrainer
+
+    args = recipe.training_arguments()
+    ast_config = recipe.ast_config()
+    model = _load_model(recipe, "model")
+    teacher = _load_model(recipe, "teacher") if recipe["teacher"].get("name_or_path") else None
+    tokenizer = _load_tokenizer(recipe)
+    train, evaluation = _load_data(recipe, tokenizer)
+    return ASTTrainer(
+        model=model, args=args, teacher_model=teacher, ast_config=ast_config, train_dataset=train,
+        eval_dataset=evaluation, data_collator=default_data_collator, callbacks=[RecipeSaveCallback(recipe)],
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as err:
+        raise SystemExit(f"hf-sparse train: {err}") from None
+    if args.dry_run:
+        recipe.ast_config()
+        print(recipe.to_yaml())
+        return 0
+    trainer = build_trainer(recipe)
+    trainer.train(resume_from_checkpoint=args.resume)
+    trainer.save_model()
+    if trainer.args.should_save:
+        recipe.save(trainer.args.output_dir)
+    metrics = trainer.state.log_history[-1] if trainer.state.log_history else {}
+    logger.info("AST training finished: %s", metrics)
+    print(f"hf-sparse train: done, {trainer.state.global_step} steps; model and ast_recipe.yaml in "
+          f"{trainer.args.output_dir}")
+    return 0

@@ -1,0 +1,138 @@
+"""The paper's masked-decay AdamW (AST §3.2): SR-STE decay of pruned weights kept out of the first moment.
+
+For a target weight W with bool mask M and decay strength λ (set each step by the λ-schedule callback)::
+
+    W ← W·(1 − lr·wd)                                   (ordinary decoupled weight decay)
+    m ← β1·m + (1−β1)·g                                 (first moment: loss gradient only)
+    u ← m + λ·(¬M ⊙ W)                                  (decay enters the update ...)
+    v ← β2·v + (1−β2)·u²                                (... and the second moment)
+    W ← W − lr/(1−β1^t) · u / (sqrt(v/(1−β2^t)) + ε)
+
+Every other parameter gets plain AdamW. Masks are bool (``~M`` is a logical not; the reference code's int mask
+made the "masked" decay hit every weight with the wrong sign). Per-step λ lives in the param groups
+(``group["masked_decay"]``) so it is saved with the optimizer state and LR schedulers work as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["MaskedDecayAdamW", "unwrap_optimizer"]
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` (and similar wrappers)."""
+    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, MaskedDecayAdamW):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class MaskedDecayAdamW(torch.optim.Optimizer):
+    """AdamW whose masked parameters get AST's annealed masked decay outside the first moment.
+
+    Args:
+        params: parameters or param groups (as the Trainer builds them).
+        lr, betas, eps, weight_decay: as :class:`torch.optim.AdamW`.
+        masked_decay: initial λ (the schedule callback overwrites it every step).
+        model: optional model holding AST layers; equivalent to calling :meth:`attach_masks` later.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        masked_decay: float = 0.0,
+        model: Optional[nn.Module] = None,
+    ) -> None:
+        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0 or masked_decay < 0:
+            raise ValueError(
+                f"MaskedDecayAdamW: invalid argument (lr={lr}, betas={betas}, eps={eps}, "
+                f"weight_decay={weight_decay}, masked_decay={masked_decay})"
+            )
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, masked_decay=masked_decay)
+        super().__init__(params, defaults)
+        self._mask_of: dict[torch.Tensor, Callable[[], torch.Tensor]] = {}
+        if model is not None:
+            self.attach_masks(model)
+
+    # ---- masks ----
+    def attach_masks(self, model: nn.Module) -> int:
+        """Find AST layers in ``model`` and decay their pruned weights; returns how many weights got a mask."""
+        from ..tuners.ast.layer import ASTLayer
+
+        in_optimizer = {p for group in self.param_groups for p in group["params"]}
+        self._mask_of = {}
+        for module in model.modules():
+            if isinstance(module, ASTLayer):
+                weight = module.get_base_layer().weight
+                if weight in in_optimizer:
+                    name = module.active_adapters[0]
+                    self._mask_of[weight] = (lambda layer=module, adapter=name: layer.ast_mask[adapter])
+        return len(self._mask_of)
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self._mask_of)
+
+    def set_masked_decay(self, lam: float) -> None:
+        for group in self.param_groups:
+            group["masked_decay"] = float(lam)
+
+    # ---- step ----
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("MaskedDecayAdamW does not support sparse gradients")
+            self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd, lam = group["lr"], group["eps"], group["weight_decay"], group.get("masked_decay", 0.0)
+        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(int(state["step"].item()))
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        # u: what the update uses and what the second moment tracks; the loss gradient for unmasked params
+        updates, second_src = list(exp_avgs), list(grads)
+        for i, p in enumerate(params):
+            mask_fn = self._mask_of.get(p)
+            if mask_fn is not None:
+                mask = mask_fn()
+                u = exp_avgs[i] + torch.where(mask, 0.0, p * lam) if lam else exp_avgs[i]
+                updates[i] = u
+                second_src[i] = u
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, second_src, second_src, 1 - beta2)
+        bias1 = [1 - beta1**s for s in steps]
+        bias2_sqrt = [math.sqrt(1 - beta2**s) for s in steps]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, updates, denom, [-lr / b for b in bias1])
