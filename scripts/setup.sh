@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[dev,demo]"
+.venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[dev,demo,interop]"
 if .venv/bin/python -c "import hf_sparse.assets" 2>/dev/null; then
   .venv/bin/python -m hf_sparse.assets fetch
 fi

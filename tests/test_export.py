@@ -223,6 +223,11 @@ def test_failed_export_leaves_no_partial_dir_and_keeps_earlier_export(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     loaded = AutoModelForCausalLM.from_pretrained(out)  # the earlier export still loads
     assert loaded.config.quantization_config.bits == 4
+    # a successful export replaces it whole (no stale files from the old one, no leftovers beside it)
+    hf_sparse.export(model, out, bits=8, group_size=32, max_shard_size=20_000)
+    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.bits == 8
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
 def test_sharded_export_loads(tmp_path, input_ids):
@@ -245,3 +250,48 @@ def test_unpack_weight_matches_module_weight(tmp_path):
     mod = loaded.model.layers[0].mlp.down_proj
     w = unpack_weight(mod.nm_values, mod.nm_positions, mod.nm_scales, None, mod.spec)
     assert torch.equal(w, mod.weight) and is_nm_sparse(w, 2, 4)
+
+
+def test_ragged_last_group_round_trip(tmp_path, input_ids):
+    """in_features not a multiple of group_size (SmolLM2: 576 = 4x128 + 64): the last group is shorter."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=96, num_attention_heads=4, num_hidden_layers=1,
+                                   intermediate_size=160, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg).eval(), ASTConfig())
+    hf_sparse.export(model, tmp_path / "r", bits=4, group_size=64, symmetric=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    assert loaded.model.layers[0].self_attn.q_proj.nm_scales.shape == (96, 2)  # ceil(96 / 64)
+    assert loaded.model.layers[0].mlp.down_proj.nm_scales.shape == (96, 3)  # ceil(160 / 64)
+    ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=64, symmetric=False)
+    with torch.no_grad():
+        assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_roundtrip_slorb_with_trained_projection(tmp_path, arch, input_ids):
+    model = ast_model(arch, slorb=True, slorb_train_projection=True)
+    with torch.no_grad():  # a trained X differs from the 0/1 group sums
+        for m in model.modules():
+            if isinstance(m, ASTLayer):
+                for s in m.ast_slorb.values():
+                    s.X.add_(0.01 * torch.randn_like(s.X))
+    hf_sparse.export(model, tmp_path / "x", bits=4, group_size=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "x")
+    assert loaded.config.quantization_config.slorb == {"group_size": 16, "train_projection": True}
+    ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=32)
+    with torch.no_grad():
+        assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "opt", "mixtral"])
+def test_roundtrip_other_architectures(tmp_path, arch, input_ids):
+    model = ast_model(arch)
+    hf_sparse.export(model, tmp_path / arch, bits=4, group_size=32)
+    ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / arch)
+    with torch.no_grad():
+        assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
+    out = loaded.generate(input_ids[:, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (input_ids.shape[0], 7)

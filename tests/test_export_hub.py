@@ -68,3 +68,56 @@ def test_cli_export_round_trip(tmp_path, input_ids):
     with torch.no_grad():
         assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
     assert "me/base" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_trainer_push_to_hub_file_set_and_card(tmp_path):
+    """An export in a Trainer's output_dir: the card the Trainer would push is ours, the file set is exact."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_sparse.integrations.hub import create_model_card_for_trainer, trainer_upload_file_set
+
+    out = tmp_path / "run"
+    hf_sparse.export(ast_model("llama"), out, bits=4, group_size=32, card=CARD)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    from peft import LoraConfig, get_peft_model
+
+    trainer = Trainer(model=get_peft_model(loaded, LoraConfig(r=2, target_modules=["q_proj"])),
+                      args=TrainingArguments(output_dir=str(out), report_to=[], include_num_input_tokens_seen=True))
+    trainer.state.num_input_tokens_seen = 12345
+    (out / "_tmp_upload").write_text("x")  # Trainer ignores "_*"
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / "x.safetensors").write_bytes(b"0")
+    assert create_model_card_for_trainer(trainer, evaluation=CARD["evaluation"])
+    card = ModelCard.load(out / "README.md")
+    assert "12,345" in card.text and "| wikitext ppl | 21.3 | 24.9 |" in card.text and "int4" in card.text
+    assert trainer_upload_file_set(out) == [
+        "README.md", "config.json", "generation_config.json", "hf_sparse_recipe.json", "model.safetensors",
+    ]
+
+
+def test_cli_gptq_with_calibration_file(tmp_path, input_ids):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(95)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    model = ast_model("llama")
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[i] for i in torch.randint(0, 95, (100,), generator=g))
+    (tmp_path / "calib.txt").write_text(text)
+    assert main(["export", str(tmp_path / "merged"), str(tmp_path / "out"), "--bits", "4", "--group-size", "32",
+                 "--method", "gptq", "--calibration-file", str(tmp_path / "calib.txt"), "--calibration-seqlen", "16"]) == 0
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    calib = torch.stack([ids[i : i + 16] for i in range(0, 100 - 16 + 1, 16)])
+    ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=32, method="gptq", calibration_data=calib)
+    rtn = hf_sparse.fake_quantize(copy.deepcopy(model), bits=4, group_size=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        got = loaded(input_ids).logits
+        assert rel_err(ref(input_ids).logits, got) <= 1e-5
+        assert rel_err(rtn(input_ids).logits, got) > 1e-4  # GPTQ really ran (differs from RTN)

@@ -73,4 +73,21 @@ def test_refusals_are_clear(tmp_path):
         export_compressed_tensors(ast_model("llama", slorb=True), tmp_path / "x", bits=4, group_size=32)
     with pytest.raises(ValueError, match="Conv1D"):
         export_compressed_tensors(ast_model("gpt2"), tmp_path / "x", bits=4, group_size=32)
+    with pytest.raises(ValueError, match="in_features divisible by argument `group_size`=128"):
+        export_compressed_tensors(ast_model("llama"), tmp_path / "x", bits=4, group_size=128)  # 64 inputs
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_format_compressed_tensors(tmp_path, input_ids):
+    from hf_sparse.cli import main
+
+    model = ast_model("llama")
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    assert main(["export", str(tmp_path / "merged"), str(tmp_path / "ct"), "--bits", "8", "--group-size", "32",
+                 "--format", "compressed-tensors"]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    ref = hf_sparse.fake_quantize(copy.deepcopy(model), bits=8, group_size=32)
+    with torch.no_grad():
+        assert rel_err(ref(input_ids).logits, loaded(input_ids).logits) <= 1e-5
+    assert "README.md" in {p.name for p in (tmp_path / "ct").iterdir()}

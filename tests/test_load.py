@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -177,3 +176,26 @@ def test_forward_dtype_and_device_move(export_dir, input_ids):
     with torch.no_grad():
         logits = model(input_ids).logits
     assert logits.dtype == torch.bfloat16 and logits.shape == (*input_ids.shape, VOCAB)
+
+
+@pytest.mark.parametrize("slorb", [False, True])
+def test_dequantize_gives_dense_nm_model(tmp_path, slorb, input_ids):
+    hf_sparse.export(ast_model("llama", slorb=slorb), tmp_path / "e", bits=4, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "e")
+    with torch.no_grad():
+        want = model(input_ids).logits
+    dense = model.dequantize()
+    assert not any(isinstance(m, PackedNMLinear) for m in dense.modules())
+    assert not hasattr(dense.config, "quantization_config")
+    assert hf_sparse.is_nm_sparse(dense.get_submodule(Q).weight, 2, 4)
+    with torch.no_grad():
+        assert rel_err(want, dense(input_ids).logits) <= 1e-6
+
+
+def test_checksum_verification_can_be_skipped(tmp_path, export_dir, monkeypatch):
+    d = copy_export(export_dir, tmp_path / "skip")
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-100] ^= 0x01  # a flipped low bit in fp16 embedding data: only the checksum can see it
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    monkeypatch.setenv("HF_SPARSE_VERIFY_CHECKSUMS", "0")
+    AutoModelForCausalLM.from_pretrained(d)  # loads: nothing else is wrong

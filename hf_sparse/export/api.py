@@ -30,7 +30,10 @@ from .writer import atomic_directory, write_json, write_shards
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export", "fake_quantize", "collect_sparse_linears", "collect_hessians", "SparseSource"]
+__all__ = [
+    "export", "fake_quantize", "collect_sparse_linears", "collect_hessians", "SparseSource", "PreparedExport",
+    "prepare_export", "pack_sources", "dense_state_dict", "load_for_export",
+]
 
 
 @dataclass
@@ -214,7 +217,29 @@ def _make_spec(
     return spec
 
 
-def _pack_all(
+@dataclass
+class PreparedExport:
+    """What every export path needs: the unwrapped model, its N:M linears and the spec they will be stored with."""
+
+    inner: nn.Module
+    sources: list[SparseSource]
+    spec: NMSpec
+    model_dtype: torch.dtype
+
+
+def prepare_export(
+    model: nn.Module, n: int, m: int, bits: int, group_size: Optional[int], symmetric: bool,
+    targets: Optional[list[str]], dtype: Optional[torch.dtype],
+) -> PreparedExport:
+    """Find the sources and build/validate the spec (errors name the module and argument) before any work."""
+    inner, sources = collect_sparse_linears(model, n, m, targets)
+    mdtype = dtype or model_dtype_of(inner)
+    values_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
+    spec = _make_spec(sources, n, m, bits, group_size, symmetric, values_dtype, mdtype)
+    return PreparedExport(inner, sources, spec, mdtype)
+
+
+def pack_sources(
     model: nn.Module, sources: list[SparseSource], spec: NMSpec, method: str, calibration_data: Any
 ) -> dict[str, PackedWeight]:
     if method not in ("rtn", "gptq"):
@@ -233,14 +258,14 @@ def _pack_all(
     return packed
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype_of(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
     return torch.float32
 
 
-def _load_for_export(path: Path) -> nn.Module:
+def load_for_export(path: Path) -> nn.Module:
     """Load an AST adapter directory (base + adapter) or a merged checkpoint (restoring SLoRB branches)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -276,7 +301,7 @@ def _load_for_export(path: Path) -> nn.Module:
     return model.eval()
 
 
-def _non_target_state(inner: nn.Module, targets: list[str], dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+def dense_state_dict(inner: nn.Module, targets: list[str], dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """State dict of everything that stays dense, tied duplicates removed, AST wrappers unwrapped."""
     prefixes = tuple(t + "." for t in targets)
     tied = set(getattr(inner, "all_tied_weights_keys", {}) or {})
@@ -321,13 +346,12 @@ def export(
         card: model card fields (see :func:`hf_sparse.integrations.hub.render_model_card`); a card is always written.
     """
     if isinstance(model, (str, Path)):
-        model = _load_for_export(Path(model))
-    inner, sources = collect_sparse_linears(model, n, m, targets)
-    model_dtype = dtype or _model_dtype(inner)
-    spec = _make_spec(sources, n, m, bits, group_size, symmetric, dtype if dtype in (torch.float16, torch.bfloat16) else None, model_dtype)
-    packed = _pack_all(model, sources, spec, method, calibration_data)
+        model = load_for_export(Path(model))
+    prep = prepare_export(model, n, m, bits, group_size, symmetric, targets, dtype)
+    inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
+    packed = pack_sources(model, sources, spec, method, calibration_data)
 
-    tensors = _non_target_state(inner, spec.targets, dtype)
+    tensors = dense_state_dict(inner, spec.targets, dtype)
     for s in sources:
         p = packed[s.name]
         tensors[f"{s.name}.{VALUES}"] = p.values
@@ -381,10 +405,9 @@ def fake_quantize(
 
     A PeftModel is merged (``merge_and_unload``) first; the result computes what the loaded export computes.
     """
-    inner, sources = collect_sparse_linears(model, n, m, targets)
-    model_dtype = dtype or _model_dtype(inner)
-    spec = _make_spec(sources, n, m, bits, group_size, symmetric, dtype if dtype in (torch.float16, torch.bfloat16) else None, model_dtype)
-    packed = _pack_all(model, sources, spec, method, calibration_data)
+    prep = prepare_export(model, n, m, bits, group_size, symmetric, targets, dtype)
+    inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
+    packed = pack_sources(model, sources, spec, method, calibration_data)
     if inner is not model or any(isinstance(mod, ASTLayer) for mod in inner.modules()):
         inner = model.merge_and_unload() if hasattr(model, "merge_and_unload") else inner
     for s in sources:

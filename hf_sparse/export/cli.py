@@ -60,12 +60,12 @@ def _calibration(args: argparse.Namespace, source: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .api import _load_for_export, export
+    from .api import load_for_export, export
 
     source = Path(args.source)
     if not source.is_dir():
         raise SystemExit(f"hf-sparse export: SOURCE {str(source)!r} is not a directory")
-    model = _load_for_export(source)
+    model = load_for_export(source)
     card = {"base_model": args.base_model, "token_budget": args.token_budget}
     kwargs = dict(
         bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric, method=args.method,

@@ -7,7 +7,7 @@ Per sparsified linear ``<name>`` with logical weight ``[out, in]`` (GPT-2 Conv1D
   same shape; bits=4: uint8 ``[out, in*N/M/2]``, two codes per byte, low nibble = even index.
 * ``<name>.nm_positions``: uint8, the in-group positions of the kept values bit-packed with
   :func:`hf_sparse.sparsity.pack_bits` at ``position_bits(M)`` bits (``[out, in*N/M*2/8]`` for 2:4).
-* ``<name>.nm_scales``: ``[out, in/group_size]`` (group_size counts *original* input channels; per-channel
+* ``<name>.nm_scales``: ``[out, ceil(in/group_size)]`` (group_size counts *original* input channels; per-channel
   = ``[out, 1]``); ``<name>.nm_zeros`` (asymmetric only), same shape, zero-point in code units.
   Dequantization: ``w = (code - zero) * scale``; symmetric uses ``zero = 2**(bits-1)`` (no zeros tensor).
 * ``<name>.bias`` as is; SLoRB: ``<name>.slorb.S`` (and ``<name>.slorb.X`` when the projection was trained).
@@ -137,19 +137,17 @@ class NMSpec:
         return in_features * self.n // self.m
 
     def num_groups(self, in_features: int) -> int:
-        return 1 if self.group_size is None else in_features // self.group_size
+        """Scale groups per row: ``ceil(in / group_size)`` (the last group may be shorter, e.g. 576 = 4x128 + 64)."""
+        return 1 if self.group_size is None else ceil_div(in_features, self.group_size)
 
     def kept_per_group(self, in_features: int) -> int:
-        return self.kept(in_features) // self.num_groups(in_features)
+        """Kept values per full group (the last group holds the remainder)."""
+        return self.kept(in_features) if self.group_size is None else self.group_size * self.n // self.m
 
     def check_shape(self, in_features: int, module_name: str) -> None:
         """Raise naming the module when its input dimension cannot carry this spec."""
         if in_features % self.m:
             raise FormatError(f"{module_name}: in_features={in_features} is not divisible by m={self.m}")
-        if self.group_size is not None and in_features % self.group_size:
-            raise FormatError(
-                f"{module_name}: in_features={in_features} is not divisible by argument `group_size`={self.group_size}"
-            )
         kept = self.kept(in_features)
         if (kept * self.pos_bits) % 8:
             raise FormatError(f"{module_name}: {kept} kept positions per row do not fill whole bytes")
@@ -227,12 +225,14 @@ def dequantize_values(
     if spec.bits == 16:
         return values.to(dtype)
     codes = unpack_codes(values, spec.bits).to(torch.float32)
-    rows, kept = codes.shape
-    groups = scales.shape[1]
-    codes = codes.reshape(rows, groups, kept // groups)
-    zero = zeros.to(torch.float32).unsqueeze(-1) if zeros is not None else float(2 ** (spec.bits - 1))
-    deq = (codes - zero) * scales.to(torch.float32).unsqueeze(-1)
-    return deq.reshape(rows, kept).to(dtype)
+    kept = codes.shape[1]
+    per_group = kept if spec.group_size is None else spec.group_size * spec.n // spec.m
+    scale = scales.to(torch.float32).repeat_interleave(per_group, dim=1)[:, :kept]
+    if zeros is None:
+        zero: torch.Tensor | float = float(2 ** (spec.bits - 1))
+    else:
+        zero = zeros.to(torch.float32).repeat_interleave(per_group, dim=1)[:, :kept]
+    return ((codes - zero) * scale).to(dtype)
 
 
 def unpack_positions(positions: torch.Tensor, spec: NMSpec, kept: int) -> torch.Tensor:

@@ -58,13 +58,16 @@ def _codes(vals: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]
 def quantize_groups(kept_vals: torch.Tensor, spec: NMSpec) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """RTN of kept values ``[out, kept]`` -> (uint8 codes [out, kept], scales [out, G], zeros [out, G] | None)."""
     rows, kept = kept_vals.shape
-    groups = kept_vals.shape[1] // (kept if spec.group_size is None else spec.group_size * spec.n // spec.m)
-    v = kept_vals.to(torch.float32).reshape(rows, groups, kept // groups)
+    per_group = kept if spec.group_size is None else spec.group_size * spec.n // spec.m
+    groups = -(-kept // per_group)
+    # a shorter last group is padded with zeros: they change neither |max| nor a range that always holds 0
+    v = torch.nn.functional.pad(kept_vals.to(torch.float32), (0, groups * per_group - kept))
+    v = v.reshape(rows, groups, per_group)
     scale, zero = _scale_zero(v, spec)
     codes = _codes(v, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), spec)
     sdtype = dtype_from_name(spec.scale_dtype)
     return (
-        codes.reshape(rows, kept).to(torch.uint8),
+        codes.reshape(rows, groups * per_group)[:, :kept].to(torch.uint8),
         scale.to(sdtype),
         None if zero is None else zero.to(sdtype),
     )
@@ -142,12 +145,10 @@ def pack_gptq(
     sdtype = dtype_from_name(spec.scale_dtype)
     scale_t = torch.stack(scales, 1)
     zero_t = torch.stack(zeros, 1) if zeros else None
-    codes = _codes(
-        vals.reshape(rows, scale_t.shape[1], -1),
-        scale_t.unsqueeze(-1),
-        None if zero_t is None else zero_t.unsqueeze(-1),
-        spec,
-    ).reshape(rows, -1)
+    per_group = vals.shape[1] if spec.group_size is None else spec.group_size * spec.n // spec.m
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(per_group, dim=1)[:, : vals.shape[1]]
+    codes = _codes(vals, expand(scale_t), None if zero_t is None else expand(zero_t), spec)
     return PackedWeight(
         pack_codes(codes.to(torch.uint8), spec.bits).contiguous(),
         pack_bits(pos, spec.pos_bits),

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..export.api import _model_dtype, _non_target_state, _pack_all, _make_spec, collect_sparse_linears
+from ..export.api import dense_state_dict, pack_sources, prepare_export
 from ..export.format import NMSpec
 from ..export.writer import atomic_directory, write_shards
 
@@ -63,9 +63,8 @@ def export_compressed_tensors(
     card: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write a compressed-tensors (``bits`` 8/4) or dense (``bits`` 16) checkpoint of the N:M model."""
-    inner, sources = collect_sparse_linears(model, n, m, targets)
-    model_dtype = dtype or _model_dtype(inner)
-    spec = _make_spec(sources, n, m, bits, group_size, symmetric, dtype if dtype in (torch.float16, torch.bfloat16) else None, model_dtype)
+    prep = prepare_export(model, n, m, bits, group_size, symmetric, targets, dtype)
+    inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
     if spec.slorb is not None:
         raise ValueError(
             "--format compressed-tensors cannot carry SLoRB branches (no such layer in compressed-tensors/vLLM); "
@@ -77,8 +76,16 @@ def export_compressed_tensors(
             f"--format compressed-tensors quantizes nn.Linear only; {conv[0]} is a GPT-2 Conv1D. Use bits=16 "
             f"(dense with zeros) or --format hf_sparse"
         )
-    packed = _pack_all(model, sources, spec, method, calibration_data)
-    state = _non_target_state(inner, spec.targets, dtype)
+    if bits < 16 and spec.group_size is not None:
+        ragged = [s for s in sources if s.weight.shape[1] % spec.group_size]
+        if ragged:
+            raise ValueError(
+                f"--format compressed-tensors needs in_features divisible by argument `group_size`={spec.group_size}; "
+                f"{ragged[0].name} has {ragged[0].weight.shape[1]} inputs. Choose a divisor (e.g. 64 for 576) or "
+                f"per-channel scales (group_size=None)"
+            )
+    packed = pack_sources(model, sources, spec, method, calibration_data)
+    state = dense_state_dict(inner, spec.targets, dtype)
     for s in sources:
         dense = packed[s.name].dense(spec, torch.float32)
         dense = dense.t() if s.conv1d else dense

@@ -26,6 +26,9 @@ __all__ = [
     "write_model_card",
     "upload_file_set",
     "push_export_to_hub",
+    "TRAINER_IGNORE_PATTERNS",
+    "trainer_upload_file_set",
+    "create_model_card_for_trainer",
 ]
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "hf_sparse_model_card.md"
@@ -46,6 +49,10 @@ UPLOAD_ALLOW_PATTERNS = [
 ]
 # never upload temp/hidden files or training leftovers that happen to sit beside an export
 UPLOAD_IGNORE_PATTERNS = [".*", "*/.*", "*.tmp*", "checkpoint-*", "checkpoint-*/*", "runs/*", "*.pt", "*.bin", "*.pth"]
+
+
+# what transformers' Trainer.push_to_hub() passes to upload_folder (transformers 5.x, trainer.py)
+TRAINER_IGNORE_PATTERNS = ["_*", "checkpoint-*"]
 
 
 def render_model_card(
@@ -126,9 +133,9 @@ def push_export_to_hub(directory: str | Path, repo_id: str, private: Optional[bo
     """Create ``repo_id`` if needed and upload the export's file set (network)."""
     from huggingface_hub import HfApi
 
-    config = json.loads((Path(directory) / "config.json").read_text())
-    if config.get("quantization_config", {}).get("quant_method") not in ("hf_sparse", "compressed-tensors"):
-        raise ValueError(f"{directory} is not an hf_sparse export (config.json has no hf_sparse quantization_config)")
+    files = upload_file_set(directory)
+    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"{directory} is not an export: it needs config.json and safetensors weights")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(
@@ -138,3 +145,35 @@ def push_export_to_hub(directory: str | Path, repo_id: str, private: Optional[bo
         ignore_patterns=UPLOAD_IGNORE_PATTERNS,
         commit_message=commit_message,
     )
+
+
+def trainer_upload_file_set(output_dir: str | Path) -> list[str]:
+    """The relative paths ``Trainer.push_to_hub()`` uploads from ``output_dir`` (everything but its ignores)."""
+    root = Path(output_dir).resolve()
+    files = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+    return list(filter_repo_objects(files, ignore_patterns=TRAINER_IGNORE_PATTERNS))
+
+
+def create_model_card_for_trainer(trainer: Any, **fields: Any) -> bool:
+    """Render the hf_sparse card into ``trainer.args.output_dir`` when it holds an hf_sparse export.
+
+    ``Trainer.push_to_hub()`` calls ``create_model_card()``, which would overwrite the export's card with the
+    generic one; a trainer overrides ``create_model_card`` to call this first (and falls back to
+    ``super().create_model_card`` when it returns False). The token budget defaults to the trainer's
+    ``state.num_input_tokens_seen`` (when tracked).
+    """
+    out = Path(trainer.args.output_dir)
+    config_path = out / "config.json"
+    if not config_path.exists():
+        return False
+    config = json.loads(config_path.read_text())
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "hf_sparse":
+        return False
+    spec = NMSpec.from_dict(qc)
+    tokens = getattr(getattr(trainer, "state", None), "num_input_tokens_seen", 0) or None
+    fields.setdefault("token_budget", tokens)
+    fields.setdefault("base_model", config.get("_name_or_path") or None)
+    known = {"base_model", "recipe", "token_budget", "evaluation", "method", "repo_id", "model_name", "license", "template_path"}
+    write_model_card(out, spec, None, **{k: v for k, v in fields.items() if k in known})
+    return True

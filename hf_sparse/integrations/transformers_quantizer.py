@@ -10,6 +10,7 @@ copy of the model is ever built. After loading it checks that the positions enco
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -38,7 +39,9 @@ class HfSparseConfig(QuantizationConfigMixin):
     """``config.json["quantization_config"]`` of an hf_sparse export (see docs/format.md).
 
     ``verify_checksums`` is a loading option (not saved): hash every shard's tensors against the checksum
-    the exporter wrote, to tell corruption from a format mismatch. It costs one extra read of the files.
+    the exporter wrote, to tell corruption from a format mismatch. It costs one extra read of the files;
+    set the environment variable ``HF_SPARSE_VERIFY_CHECKSUMS=0`` to skip it (transformers does not pass
+    loading options of third-party configs through ``from_pretrained``).
     """
 
     def __init__(
@@ -64,7 +67,7 @@ class HfSparseConfig(QuantizationConfigMixin):
         self.targets = list(targets or [])
         self.slorb = slorb
         self.format_version = format_version
-        self.verify_checksums = verify_checksums
+        self.verify_checksums = verify_checksums and os.environ.get("HF_SPARSE_VERIFY_CHECKSUMS", "1") != "0"
         self.spec  # validates (version, pattern, bits, group size) with errors naming the field
 
     @property
@@ -195,6 +198,28 @@ class HfSparseQuantizer(HfQuantizer):
                 )
             if spec.bits == 16 and not torch.isfinite(getattr(module, VALUES)).all():
                 raise FormatError(f"{name}.{VALUES} holds NaN/inf values: corrupted checkpoint")
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: dense N:M ``nn.Linear`` layers (zeros stored), SLoRB kept as SparseLinear."""
+        from ..tuners.ast.layer import SparseLinear
+
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, PackedNMLinear):
+                continue
+            wdtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+            weight = module.dequantized_weight(wdtype)
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=weight.device, dtype=wdtype)
+            with torch.no_grad():
+                dense.weight.copy_(weight)
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            new: nn.Module = dense
+            if module.slorb is not None:
+                new = SparseLinear(dense.weight, dense.bias, module.slorb, fan_in_fan_out=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         return model
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
