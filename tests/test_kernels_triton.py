@@ -31,9 +31,10 @@ def make_packed(n_out: int, k: int, group_size: int, asym: bool, seed: int, scal
     mask = nm_mask(dense.abs(), 2, 4, dim=1)
     _, positions = compress_nm(dense, mask, 2, 4)  # [out, k/2] in-group positions, input order
     codes = torch.randint(0, 16, (n_out, k // 2), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(n_out, k // group_size, generator=g) * 0.05 + 0.01).to(scale_dtype)
-    zeros = (torch.rand(n_out, k // group_size, generator=g) * 15).to(scale_dtype) if asym else None
-    per_kept = lambda t: t.float().repeat_interleave(group_size // 2, dim=1)  # noqa: E731
+    n_groups = -(-k // group_size)  # the last group may be short
+    scales = (torch.rand(n_out, n_groups, generator=g) * 0.05 + 0.01).to(scale_dtype)
+    zeros = (torch.rand(n_out, n_groups, generator=g) * 15).to(scale_dtype) if asym else None
+    per_kept = lambda t: t.float().repeat_interleave(group_size // 2, dim=1)[:, : k // 2]  # noqa: E731
     zero = per_kept(zeros) if asym else 8.0
     reference = decompress_nm((codes.float() - zero) * per_kept(scales), positions, 2, 4)
     packed = dict(values=pack_bits(codes, 4), positions=pack_bits(positions, 2), scales=scales, zeros=zeros)
@@ -45,6 +46,8 @@ CASES = [
     (1, 64, 256, 128, False, torch.float32, KernelConfig(1, 32, 64, 1)),
     (1, 48, 128, 128, True, torch.float16, KernelConfig(1, 16, 32, 4)),  # out not a multiple of BLOCK_N
     (3, 32, 128, 32, False, torch.float16, KernelConfig(4, 16, 64, 2)),  # groups smaller than the tile
+    (2, 32, 192, 128, True, torch.float32, KernelConfig(4, 16, 64, 1)),  # short last group (192 = 128 + 64)
+    (1, 16, 192, 128, False, torch.float32, KernelConfig(1, 16, 64, 1)),  # like SmolLM2's 576 at group 128
     (16, 64, 256, 64, True, torch.float32, KernelConfig(16, 32, 64, 1)),  # tl.dot path
     (20, 32, 256, 256, False, torch.float16, KernelConfig(16, 16, 128, 2)),  # per-channel, M masked, split-K
     (2, 32, 192, 192, False, torch.bfloat16, None),  # default config, in = 3 * 64

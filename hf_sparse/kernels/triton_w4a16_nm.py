@@ -10,7 +10,7 @@ Storage consumed (hf_sparse export format, N:M = 2:4 along the input dim, logica
   byte holds exactly the two kept values of one group of four input channels.
 - ``positions`` uint8 ``[out, in/8]``: ``pack_bits(positions, 2)``, four 2-bit in-group positions per byte,
   lowest bits first, so one byte covers two groups (8 input channels).
-- ``scales``    ``[out, in/group_size]``, ``group_size`` counting *original* input channels.
+- ``scales``    ``[out, ceil(in/group_size)]``, ``group_size`` counting *original* input channels (last group may be short).
 - ``zeros``     optional float ``[out, in/group_size]``; absent = symmetric, implicit zero point 8.
 
 ``w = (code - zero) * scale`` at the kept position, 0 elsewhere.
@@ -186,10 +186,11 @@ def _check_inputs(x: torch.Tensor, values, positions, scales, zeros, bias, group
         raise ValueError(f"w4a16_nm24_matmul: values shape {tuple(values.shape)} != [out, in/4] = {(n_out, k // 4)}")
     if tuple(positions.shape) != (n_out, k // 8):
         raise ValueError(f"w4a16_nm24_matmul: positions shape {tuple(positions.shape)} != [out, in/8] = {(n_out, k // 8)}")
-    if group_size <= 0 or group_size % 4 or k % group_size:
-        raise ValueError(f"w4a16_nm24_matmul: group_size {group_size} must be a multiple of 4 dividing input features {k}")
-    if tuple(scales.shape) != (n_out, k // group_size):
-        raise ValueError(f"w4a16_nm24_matmul: scales shape {tuple(scales.shape)} != {(n_out, k // group_size)}")
+    if group_size <= 0 or group_size % 4:
+        raise ValueError(f"w4a16_nm24_matmul: group_size {group_size} must be a positive multiple of 4")
+    n_groups = -(-k // group_size)  # the export format allows a shorter last group (e.g. 576 = 4*128 + 64)
+    if tuple(scales.shape) != (n_out, n_groups):
+        raise ValueError(f"w4a16_nm24_matmul: scales shape {tuple(scales.shape)} != {(n_out, n_groups)}")
     if zeros is not None and tuple(zeros.shape) != tuple(scales.shape):
         raise ValueError(f"w4a16_nm24_matmul: zeros shape {tuple(zeros.shape)} != scales shape {tuple(scales.shape)}")
     if bias is not None and tuple(bias.shape) != (n_out,):
@@ -339,8 +340,9 @@ def dequantize_w4_nm24(
     codes = unpack_bits(values, 4).to(torch.float32)  # [out, in/2] kept codes in input order
     pos = unpack_bits(positions, 2)  # [out, in/2]
     k = codes.shape[1] * 2
-    s = scales.to(torch.float32).repeat_interleave(group_size // 2, dim=1)
-    z = SYMMETRIC_ZERO if zeros is None else zeros.to(torch.float32).repeat_interleave(group_size // 2, dim=1)
+    kept_cols = codes.shape[1]  # a shorter last group: trim the repeated scales to the kept columns
+    s = scales.to(torch.float32).repeat_interleave(group_size // 2, dim=1)[:, :kept_cols]
+    z = SYMMETRIC_ZERO if zeros is None else zeros.to(torch.float32).repeat_interleave(group_size // 2, dim=1)[:, :kept_cols]
     kept = (codes - z) * s
     dense = decompress_nm(kept, pos, 2, 4)
     assert dense.shape == (n_out, k)
