@@ -224,3 +224,24 @@ def test_activation_score_recompute_uses_input_norms(tmp_path):
     assert bool(layer.ast_mask["default"][:, 0::4].all())
     callback.on_train_end(None, state, TrainerControl())
     assert not layer._forward_pre_hooks
+
+
+def test_push_to_hub_card_is_ours(tmp_path):
+    """``Trainer.push_to_hub`` writes its card through ``create_model_card``: ASTTrainer keeps hf_sparse's card
+    for an export in ``output_dir`` and tags the Trainer's generic card otherwise."""
+    from huggingface_hub import ModelCard
+    from test_export import ast_model
+
+    import hf_sparse
+
+    plain = ASTTrainer(model=tiny_model("llama"), args=ast_args(tmp_path / "plain", max_steps=1))
+    plain.create_model_card(model_name="tiny-ast")
+    card = ModelCard.load(tmp_path / "plain" / "README.md")
+    assert {"hf_sparse", "2:4-sparse", "ast"} <= set(card.data.tags)
+
+    out = tmp_path / "exported"
+    hf_sparse.export(ast_model("llama"), out, bits=4, group_size=32)
+    trainer = ASTTrainer(model=tiny_model("llama"), args=ast_args(out, max_steps=1))
+    trainer.create_model_card(model_name="tiny-ast")
+    text = (out / "README.md").read_text()
+    assert "int4" in text and "2:4" in text

@@ -224,6 +224,20 @@ class ASTTrainer(Trainer):
             self._loss_parts = {"ce": 0.0, "kl": 0.0, "tokens": 0}
         super().log(logs, start_time)
 
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Keep the hf_sparse card when ``output_dir`` holds an hf_sparse export (``push_to_hub`` calls this).
+
+        Otherwise the Trainer's own card is written, tagged ``hf_sparse`` and ``2:4-sparse``.
+        """
+        from ..integrations.hub import create_model_card_for_trainer
+
+        if create_model_card_for_trainer(self, **kwargs):
+            return
+        tags = kwargs.pop("tags", None) or []
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        kwargs["tags"] = tags + [t for t in ("hf_sparse", "2:4-sparse", "ast") if t not in tags]
+        super().create_model_card(**kwargs)
+
 
 def _isdir(path: str) -> bool:
     import os
