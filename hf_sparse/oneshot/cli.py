@@ -1,0 +1,114 @@
+"""``hf-sparse prune``: one-shot N:M pruning of a model, saved as a plain loadable transformers model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["add_arguments", "run", "load_model_and_tokenizer"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"], help="one-shot method")
+    parser.add_argument("--model", required=True, help="hub id, local directory, or .gguf file")
+    parser.add_argument("--output-dir", required=True, help="where the pruned model is saved (written atomically)")
+    parser.add_argument("--calibration-file", default=None, help="UTF-8 text file (default: the bundled Shakespeare train split)")
+    parser.add_argument("--calibration-ids-file", default=None, help="token ids instead of text: .pt (torch.save) or .json")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    parser.add_argument("--n", type=int, default=2, help="kept weights per group")
+    parser.add_argument("--m", type=int, default=4, help="group size along the input dimension")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load dtype")
+    parser.add_argument("--device", default=None, help="device the layers run on (default: cuda if available, else cpu)")
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """The project's loader when :mod:`hf_sparse.assets` provides one, else transformers (GGUF-aware)."""
+    try:
+        from ..assets import load_model_and_tokenizer as load  # type: ignore[attr-defined]
+    except ImportError:
+        load = None
+    if load is not None:
+        return load(name_or_path, dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    path = name_or_path
+    if name_or_path.endswith(".gguf"):
+        path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    return model, tokenizer
+
+
+def _default_calibration_text() -> list[str]:
+    try:
+        from ..assets import shakespeare  # type: ignore[attr-defined]
+    except ImportError:
+        raise SystemExit(
+            "hf-sparse prune: no calibration data: pass --calibration-file TXT or --calibration-ids-file "
+            "(the bundled corpus needs hf_sparse.assets)"
+        ) from None
+    return shakespeare("train")
+
+
+def _calibration(args: argparse.Namespace, tokenizer: Any) -> Optional[Any]:
+    from .calibration import calibration_ids_from_text, load_calibration_ids
+
+    if args.method == "magnitude":
+        return None
+    if args.calibration_ids_file:
+        return load_calibration_ids(args.calibration_ids_file)
+    if args.calibration_file:
+        with open(args.calibration_file, encoding="utf-8") as f:
+            texts: list[str] = [f.read()]
+    else:
+        texts = _default_calibration_text()
+    return calibration_ids_from_text(tokenizer, texts, args.num_samples, args.seq_len, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export.writer import atomic_directory
+    from ..sparsity.nm import input_dim_of, nm_violations
+    from .api import prune_oneshot, select_targets
+
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
+    model.eval()
+    ids = _calibration(args, tokenizer)
+    start = time.perf_counter()
+    masks = prune_oneshot(model, args.method, ids, n=args.n, m=args.m, batch_size=args.batch_size, device=device)
+    seconds = time.perf_counter() - start
+    targets = select_targets(model, n=args.n, m=args.m)
+    bad = [name for name, mod in targets.items() if nm_violations(mod.weight, args.n, args.m, dim=input_dim_of(mod))]
+    if bad:
+        raise RuntimeError(f"hf-sparse prune: weights not {args.n}:{args.m} after pruning: {bad[:5]}")
+    report = {
+        "method": args.method,
+        "model": args.model,
+        "n": args.n,
+        "m": args.m,
+        "num_targets": len(masks),
+        "calibration_sequences": 0 if ids is None else sum(int(t.shape[0]) if t.dim() == 2 else 1 for t in _tensors(ids)),
+        "seconds": round(seconds, 2),
+    }
+    with atomic_directory(args.output_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "hf_sparse_oneshot.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    print(f"{args.method} {args.n}:{args.m}: pruned {len(masks)} modules in {seconds:.1f}s -> {args.output_dir}")
+    return 0
+
+
+def _tensors(ids: Any) -> list[torch.Tensor]:
+    return [ids] if torch.is_tensor(ids) else list(ids)
