@@ -33,6 +33,8 @@ class ASTTrainingArguments(TrainingArguments):
         ast_plot: write ``ast_training.png`` (loss, flip rate, λ vs step) into ``output_dir`` at the end.
         ast_stop_on_nonfinite_loss: stop with :class:`NonFiniteLossError` (before the optimizer step, so the last
             checkpoint stays the last good state) when the loss is NaN/inf.
+        ast_calibration_samples: with ``ASTConfig(mask_init="wanda"|"sparsegpt")``, the first this many sequences
+            of the train dataloader calibrate the one-shot initial mask (once, at the start of a fresh run).
     """
 
     distill_alpha: float = field(default=0.67, metadata={"help": "weight of the KL(teacher||student) term"})
@@ -42,6 +44,9 @@ class ASTTrainingArguments(TrainingArguments):
     ast_masked_decay_optimizer: bool = field(default=True, metadata={"help": "use the masked-decay AdamW"})
     ast_plot: bool = field(default=True, metadata={"help": "write ast_training.png at train end"})
     ast_stop_on_nonfinite_loss: bool = field(default=True, metadata={"help": "stop on NaN/inf loss"})
+    ast_calibration_samples: int = field(
+        default=32, metadata={"help": "train sequences used to calibrate mask_init='wanda'/'sparsegpt'"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +55,10 @@ class ASTTrainingArguments(TrainingArguments):
         if self.distill_temperature <= 0:
             raise ValueError(
                 f"ASTTrainingArguments: argument `distill_temperature` must be > 0, got {self.distill_temperature}"
+            )
+        if self.ast_calibration_samples < 1:
+            raise ValueError(
+                f"ASTTrainingArguments: argument `ast_calibration_samples` must be >= 1, got {self.ast_calibration_samples}"
             )
         if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
             raise ValueError(

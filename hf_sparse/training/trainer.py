@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..oneshot.ast_init import ASTOneShotInitCallback
 from ..tuners.ast.config import ASTConfig
 from .arguments import ASTTrainingArguments
 from .callbacks import ASTMaskCallback, ASTPlotCallback, find_ast_model
@@ -122,6 +123,8 @@ class ASTTrainer(Trainer):
         self.ast_callback = ASTMaskCallback()
         self.callback_handler.callbacks.insert(0, self.ast_callback)  # before reporters: they see AST metrics
         self.callback_handler.callbacks.insert(0, ASTPlotCallback()) if args.ast_plot else None
+        # ASTConfig(mask_init="wanda"/"sparsegpt"): one-shot masks at the start of a fresh run, before the above
+        self.callback_handler.callbacks.insert(0, ASTOneShotInitCallback())
         self._nonfinite_in_window = False
         self._loss_parts = {"ce": 0.0, "kl": 0.0, "tokens": 0}
 
