@@ -17,6 +17,7 @@ from hf_sparse import ASTConfig
 from hf_sparse.oneshot import (
     PRUNERS,
     ASTOneShotInitCallback,
+    ast_masks_need_init,
     WandaPruner,
     as_batches,
     calibration_ids_from_text,
@@ -356,3 +357,22 @@ def test_init_callback_skips_on_resume_and_when_done():
     done = {n: l.ast_mask["default"].clone() for n, l in ast_model.ast_layers()}
     callback.on_train_begin(None, TrainerState(), TrainerControl(), model=model, train_dataloader=None)  # no error:
     assert all(torch.equal(l.ast_mask["default"], done[n]) for n, l in ast_model.ast_layers())  # already done
+
+
+def test_init_callback_keeps_masks_loaded_from_a_trained_adapter():
+    """A fresh process loading a trained adapter has no in-memory marker: its non-magnitude masks must survive."""
+    from transformers import TrainerControl, TrainerState
+
+    model = peft.get_peft_model(tiny_model("llama"), ASTConfig(mask_init="wanda"))
+    initialize_ast_masks(model, "wanda", _ids(), progress=False)
+    ast_model, _ = find_ast_model(model)
+    delattr(ast_model, "_hf_sparse_mask_init_done")  # as after PeftModel.from_pretrained
+    loaded = {n: l.ast_mask["default"].clone() for n, l in ast_model.ast_layers()}
+    with torch.no_grad():
+        for _, layer in ast_model.ast_layers():
+            weight = layer.get_base_layer().weight
+            weight.add_(torch.randn_like(weight) * weight.std())  # "trained" weights: a re-init would pick others
+    ASTOneShotInitCallback().on_train_begin(None, TrainerState(), TrainerControl(), model=model, train_dataloader=None)
+    assert all(torch.equal(l.ast_mask["default"], loaded[n]) for n, l in ast_model.ast_layers())
+    with pytest.raises(ValueError, match="mask_init"):
+        ast_masks_need_init(peft.get_peft_model(tiny_model("llama"), ASTConfig(mask_init="obs")))

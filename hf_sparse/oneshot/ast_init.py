@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .calibration import CalibrationIds, as_batches
-from .registry import get_pruner
+from .registry import PRUNERS, get_pruner
 from .sequential import prune_sequential
 
 logger = logging.getLogger(__name__)
@@ -96,11 +96,35 @@ def initialize_ast_masks(
 
 
 def ast_masks_need_init(model: nn.Module) -> Optional[str]:
-    """The one-shot method still to apply to ``model``'s AST masks, or ``None`` (magnitude, or already done)."""
+    """The one-shot method still to apply to ``model``'s AST masks, or ``None``.
+
+    ``None`` for ``mask_init="magnitude"``, after :func:`initialize_ast_masks` ran on this model, and when the
+    masks are not the fresh wrapper's (initial mask = current mask = magnitude mask of the current weights):
+    masks loaded from a trained adapter are never overwritten.
+    """
+    from ..sparsity.nm import nm_mask
+    from ..sparsity.scores import magnitude_score
+
     ast_model, config = _ast_model(model)
     method = getattr(config, "mask_init", "magnitude") or "magnitude"
+    if method not in PRUNERS:
+        raise ValueError(f"ASTConfig: argument `mask_init`={method!r} is not one of {sorted(PRUNERS)}")
     if method == "magnitude" or getattr(ast_model, _DONE_ATTR, None) == method:
         return None
+    with torch.no_grad():
+        for name, layer in ast_model.ast_layers():
+            adapter = layer.active_adapters[0]
+            n, m = layer.ast_nm[adapter]
+            mask, initial = layer.ast_mask[adapter], layer.ast_initial_mask[adapter]
+            weight = layer.get_base_layer().weight
+            if weight.device.type == "meta":
+                return None
+            fresh = torch.equal(mask, initial) and torch.equal(
+                initial, nm_mask(magnitude_score(weight), n, m, dim=layer.input_dim)
+            )
+            if not fresh:
+                logger.info("AST: %s already has a non-magnitude mask; mask_init=%r is not applied", name, method)
+                return None
     return method
 
 

@@ -15,7 +15,7 @@ __all__ = ["add_arguments", "run", "load_model_and_tokenizer"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"], help="one-shot method")
-    parser.add_argument("--model", required=True, help="hub id, local directory, or .gguf file")
+    parser.add_argument("--model", default=None, help="hub id, local directory, or .gguf file (default: the bundled model)")
     parser.add_argument("--output-dir", required=True, help="where the pruned model is saved (written atomically)")
     parser.add_argument("--calibration-file", default=None, help="UTF-8 text file (default: the bundled Shakespeare train split)")
     parser.add_argument("--calibration-ids-file", default=None, help="token ids instead of text: .pt (torch.save) or .json")
@@ -29,14 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="device the layers run on (default: cuda if available, else cpu)")
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """The project's loader when :mod:`hf_sparse.assets` provides one, else transformers (GGUF-aware)."""
+def load_model_and_tokenizer(name_or_path: Optional[str], dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """The project's loader when :mod:`hf_sparse.assets` provides one (``None``: the bundled model), else
+    transformers (GGUF-aware)."""
     try:
         from ..assets import load_model_and_tokenizer as load  # type: ignore[attr-defined]
     except ImportError:
         load = None
     if load is not None:
         return load(name_or_path, dtype=dtype)
+    if name_or_path is None:
+        raise SystemExit("hf-sparse prune: argument --model is required (no bundled default model in this install)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {}
