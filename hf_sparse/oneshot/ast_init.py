@@ -173,13 +173,16 @@ class ASTOneShotInitCallback(TrainerCallback):
         ids = None
         if get_pruner(method).needs_calibration:
             if train_dataloader is None:
-                raise ValueError(f"mask_init={method!r} needs calibration data, but the Trainer has no train dataloader")
+                raise ValueError(
+                    f"mask_init={method!r} needs calibration data, but the Trainer has no train dataloader"
+                )
             num = int(getattr(args, "ast_calibration_samples", 32))
             # sorted by length: equal-length rows are stacked into batches by as_batches
             ids = sorted(_calibration_from_dataloader(train_dataloader, num), key=len)
         logger.info("AST: initialising masks with one-shot %s", method)
         batch_size = max(1, int(getattr(args, "per_device_train_batch_size", 8)))
-        initialize_ast_masks(model, method, ids, batch_size=batch_size, progress=not getattr(args, "disable_tqdm", False))
+        progress = not getattr(args, "disable_tqdm", False)
+        initialize_ast_masks(model, method, ids, batch_size=batch_size, progress=progress)
         _broadcast_masks(ast_model)
         return control
 

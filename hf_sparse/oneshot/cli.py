@@ -14,11 +14,17 @@ __all__ = ["add_arguments", "run", "load_model_and_tokenizer"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"], help="one-shot method")
-    parser.add_argument("--model", default=None, help="hub id, local directory, or .gguf file (default: the bundled model)")
+    parser.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"], help="method")
+    parser.add_argument(
+        "--model", default=None, help="hub id, local directory, or .gguf file (default: the bundled model)"
+    )
     parser.add_argument("--output-dir", required=True, help="where the pruned model is saved (written atomically)")
-    parser.add_argument("--calibration-file", default=None, help="UTF-8 text file (default: the bundled Shakespeare train split)")
-    parser.add_argument("--calibration-ids-file", default=None, help="token ids instead of text: .pt (torch.save) or .json")
+    parser.add_argument(
+        "--calibration-file", default=None, help="UTF-8 text file (default: the bundled Shakespeare train split)"
+    )
+    parser.add_argument(
+        "--calibration-ids-file", default=None, help="token ids instead of text: .pt (torch.save) or .json"
+    )
     parser.add_argument("--num-samples", type=int, default=32, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
@@ -26,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", type=int, default=4, help="group size along the input dimension")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load dtype")
-    parser.add_argument("--device", default=None, help="device the layers run on (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="where layers run (default: cuda if available, else cpu)")
 
 
 def load_model_and_tokenizer(name_or_path: Optional[str], dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export.writer import atomic_directory
     from ..sparsity.nm import input_dim_of, nm_violations
     from .api import prune_oneshot, select_targets
+    from .calibration import as_batches
 
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "n": args.n,
         "m": args.m,
         "num_targets": len(masks),
-        "calibration_sequences": 0 if ids is None else sum(int(t.shape[0]) if t.dim() == 2 else 1 for t in _tensors(ids)),
+        "calibration_sequences": 0 if ids is None else sum(int(b.shape[0]) for b in as_batches(ids, 1 << 30)),
         "seconds": round(seconds, 2),
     }
     with atomic_directory(args.output_dir) as tmp:
@@ -112,6 +119,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.method} {args.n}:{args.m}: pruned {len(masks)} modules in {seconds:.1f}s -> {args.output_dir}")
     return 0
 
-
-def _tensors(ids: Any) -> list[torch.Tensor]:
-    return [ids] if torch.is_tensor(ids) else list(ids)

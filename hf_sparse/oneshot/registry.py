@@ -40,7 +40,9 @@ def get_pruner(name: str) -> type["OneShotPruner"]:
     try:
         return PRUNERS[name]
     except KeyError:
-        raise ValueError(f"argument `method`={name!r} is not a one-shot pruning method; choose one of {sorted(PRUNERS)}") from None
+        raise ValueError(
+            f"argument `method`={name!r} is not a one-shot pruning method; choose one of {sorted(PRUNERS)}"
+        ) from None
 
 
 class OneShotPruner:
