@@ -208,7 +208,7 @@ def chat_accuracy(
 
 def _trim_unfinished(answer: str) -> str:
     """Cut a truncated answer back to its last full sentence (so the conversation does not end mid-word)."""
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)|\n", answer)]
+    ends = [m.end() for m in re.finditer(r"(?<!\d)[.!?](?=\s|$)|\n", answer)]  # "4." starts a list item
     return answer[: ends[-1]].rstrip() if ends and ends[-1] >= len(answer) // 3 else answer
 
 

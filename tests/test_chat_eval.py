@@ -104,6 +104,8 @@ def test_answer_matching_rules(answer, accepted, expected):
 def test_trim_unfinished_keeps_whole_sentences():
     assert _trim_unfinished("One thing. Two things! Thr") == "One thing. Two things!"
     assert _trim_unfinished("no sentence end here") == "no sentence end here"
+    assert _trim_unfinished("Kinds:\n1. Rain is wet.\n2. Snow is cold.\n3. Fo") == "Kinds:\n1. Rain is wet.\n2. Snow is cold."
+    assert _trim_unfinished("1. Baseball\n2. Softball\n3. Bas") == "1. Baseball\n2. Softball"
 
 
 def test_chat_accuracy_runs_with_a_tiny_model_and_local_chat_template():
