@@ -1,60 +1,323 @@
-"""``hf-sparse demo``: the main job, end to end on a model (interim: a tiny Llama built from a config).
+"""``hf-sparse demo``: the main job. Dense model -> one-shot 2:4 -> AST -> packed 2:4 export -> reload -> report.
 
-Until the offline default assets land, the demo shows the adapter path a user takes:
-dense model -> ``get_peft_model(ASTConfig())`` -> mask recompute -> ``merge_and_unload`` -> save ->
-``from_pretrained`` -> identical logits and exact 2:4 weights.
+On the offline default (SmolLM2-135M-Instruct, Shakespeare split by play; see :mod:`hf_sparse.assets`) it shows
+the project's claim within a laptop budget: one-shot 2:4 pruning wrecks the model (perplexity several times the
+dense one, and the instruct model stops answering chat questions); a short AST run from the one-shot mask,
+distilled from the dense teacher on Shakespeare *and* on the teacher's own chat answers, brings both back.
+
+Everything a user would call is the public API: :func:`hf_sparse.oneshot.prune_oneshot`, ``get_peft_model`` with
+:class:`~hf_sparse.ASTConfig`, :class:`~hf_sparse.ASTTrainer` (its progress bar), :func:`hf_sparse.export`, and
+``AutoModelForCausalLM.from_pretrained`` on the export. The AST row is measured on the *reloaded* export.
+Outputs in ``--output-dir``: ``model/`` (the 2:4 model), ``results.json``, ``demo.png``, ``ast_run/``
+(the Trainer's output with ``ast_training.png``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
 import os
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+CHART_FILE = "demo.png"
+
+
+@dataclass
+class Budget:
+    """What one demo run spends; the defaults fit ~15 minutes on 2 CPU cores (see the README's table)."""
+
+    max_steps: int = 40
+    batch_size: int = 4
+    seq_len: int = 256
+    eval_tokens: int = 8192
+    calibration_samples: int = 16
+    chat_questions: Optional[int] = None  # None = all bundled questions
+    chat_fraction: float = 0.5
+
+
+SMOKE = Budget(max_steps=2, batch_size=2, seq_len=64, eval_tokens=256, calibration_samples=2, chat_questions=3)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Budget()
     parser.add_argument("--output-dir", default="./hf-sparse-demo", help="where the 2:4 model and results go")
-    parser.add_argument("--steps", type=int, default=20, help="training steps")
-    parser.add_argument("--smoke", action="store_true", help="a few steps only (CI)")
+    parser.add_argument("--model", default=None,
+                        help="hub id, local directory or .gguf (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--train-file", default=None, help="training text file/folder or `datasets` name "
+                        "(default: the bundled Shakespeare train plays)")
+    parser.add_argument("--heldout-file", default=None, help="held-out text file (default: the held-out plays)")
+    parser.add_argument("--oneshot", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
+                        help="one-shot method that prunes first and initialises AST's mask")
+    parser.add_argument("--max-steps", type=int, default=d.max_steps, help="AST optimizer steps (the budget)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--mask-score", default="activation", choices=["activation", "magnitude"],
+                        help="score of the periodic mask recomputes (activation: |W|*||x||, stable on short budgets)")
+    parser.add_argument("--mask-update-interval", type=int, default=10, help="steps between mask recomputes")
+    parser.add_argument("--slorb", action="store_true", help="add SLoRB low-rank branches (kept in the export)")
+    parser.add_argument("--chat-fraction", type=float, default=d.chat_fraction,
+                        help="share of training sequences that are the teacher's chat conversations")
+    parser.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens to score")
+    parser.add_argument("--calibration-samples", type=int, default=d.calibration_samples,
+                        help="calibration sequences (of --seq-len tokens) for the one-shot method")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a few steps on a few tokens (CI: checks the path)")
 
 
-def run(args: argparse.Namespace) -> int:
+def _budget(args: argparse.Namespace) -> Budget:
+    if args.smoke:
+        return SMOKE
+    return Budget(max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                  eval_tokens=args.eval_tokens, calibration_samples=args.calibration_samples,
+                  chat_fraction=args.chat_fraction)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _texts(path: Optional[str], split: str) -> list[str]:
+    from .assets import shakespeare
+    from .training.data import load_text
+
+    return shakespeare(split) if path is None else [load_text(path)]
+
+
+def heldout_stream(tokenizer: Any, texts: list[str], n_tokens: int) -> torch.Tensor:
+    """``n_tokens`` held-out tokens, an equal share from the start of every document (every play counts)."""
+    from .evaluate import tokenize_texts
+
+    share = max(1, n_tokens // len(texts))
+    parts = [tokenize_texts(tokenizer, [t])[:share] for t in texts]
+    return torch.cat(parts)[:n_tokens]
+
+
+def training_dataset(tokenizer: Any, texts: list[str], chat: list[str], budget: Budget, seed: int):
+    """Blocks of ``seq_len`` tokens: a ``chat_fraction`` share packed from the teacher's chat conversations,
+    the rest from the training text. Exactly ``max_steps * batch_size`` blocks (one pass, no repeats of text)."""
+    from torch.utils.data import ConcatDataset
+
+    from .evaluate import tokenize_texts
+    from .training.data import TextBlocks
+
+    total = budget.max_steps * budget.batch_size
+    n_chat = round(total * budget.chat_fraction) if chat else 0
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    if n_chat:
+        order = torch.randperm(len(chat), generator=g).tolist()
+        ids = tokenize_texts(tokenizer, [chat[i] for i in order])
+        need = n_chat * budget.seq_len
+        ids = ids.repeat(-(-need // len(ids)))[:need]  # a small chat set repeats (epochs) to fill its share
+        parts.append(TextBlocks(ids, budget.seq_len))
+    text_ids = tokenize_texts(tokenizer, texts)
+    n_text = total - n_chat
+    starts = torch.randperm(max(1, len(text_ids) // budget.seq_len), generator=g)[:n_text]
+    text_blocks = torch.cat([text_ids[s * budget.seq_len:(s + 1) * budget.seq_len] for s in starts.tolist()])
+    parts.append(TextBlocks(text_blocks, budget.seq_len))
+    return ConcatDataset(parts)
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def measure(name: str, model, tokenizer, eval_ids, reference, budget: Budget, device) -> dict[str, Any]:
+    """Held-out perplexity, KL to dense and the chat check of one model."""
+    from .chat_eval import chat_accuracy, load_questions
+    from .evaluate import evaluate_lm
+
+    print(f"[{name}] held-out perplexity and KL to dense ...", flush=True)
+    lm = evaluate_lm(model, eval_ids, reference=reference, max_length=budget.seq_len, stride=budget.seq_len,
+                     device=device)
+    questions = load_questions()[: budget.chat_questions]
+    print(f"[{name}] chat check ({len(questions)} questions) ...", flush=True)
+    chat = chat_accuracy(model, tokenizer, questions=questions, progress=True)
+    row = {"model": name, "perplexity": lm["perplexity"], "kl_to_dense": lm.get("kl", 0.0),
+           "chat_accuracy": chat["accuracy"], "chat_answered": chat["answered"], "eval_tokens": lm["tokens"],
+           "chat_examples": [{k: q[k] for k in ("question", "answer", "correct")} for q in chat["per_question"][:5]]}
+    print(f"[{name}] ppl {row['perplexity']:.2f}  KL {row['kl_to_dense']:.3f}  chat {row['chat_accuracy']:.0%} "
+          f"(answered {row['chat_answered']:.0%})", flush=True)
+    return row
+
+
+def ast_student(dense, pruned, masks: dict[str, torch.Tensor], ast_config):
+    """The AST model starting from a one-shot result: kept weights as the one-shot method left them (SparseGPT
+    updates them), pruned weights back at their dense values (AST keeps the dense W; pruned weights keep
+    learning through the STE and can return), masks and initial masks = the one-shot masks."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from .training.callbacks import find_ast_model
+
+    student = copy.deepcopy(pruned)
+    dense_modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, module in student.named_modules():
+            if name in masks:
+                mask = masks[name].to(module.weight.device)
+                module.weight.copy_(torch.where(mask, module.weight, dense_modules[name].weight))
+    peft_model = get_peft_model(student, ast_config)
+    ast_model, _ = find_ast_model(peft_model)
+    for name, layer in ast_model.ast_layers():
+        mask = masks[name]
+        adapter = layer.active_adapters[0]
+        layer.ast_mask[adapter].copy_(mask)
+        layer.ast_initial_mask[adapter].copy_(mask)
+        if adapter in layer.ast_slorb and ast_config.slorb_init == "mean":
+            from .tuners.ast.slorb import slorb_mean_init
+
+            w = layer.get_base_layer().weight
+            layer.ast_slorb[adapter].S.data.copy_(
+                slorb_mean_init(layer._out_in(w), layer._out_in(mask), ast_config.slorb_group_size))
+    return peft_model
+
+
+def write_chart(rows: list[dict[str, Any]], log_history: list[dict], path: Path) -> None:
+    """Bars of held-out perplexity and chat accuracy per model, and the AST loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    axes[0].bar(names, [r["perplexity"] for r in rows], color=["#4c72b0", "#c44e52", "#55a868"][: len(rows)])
+    axes[0].set_yscale("log")
+    axes[0].set_title("held-out perplexity (lower is better)")
+    axes[1].bar(names, [100 * r["chat_accuracy"] for r in rows], color=["#4c72b0", "#c44e52", "#55a868"][: len(rows)])
+    axes[1].set_ylim(0, 100)
+    axes[1].set_title("chat check accuracy %")
+    steps = [h["step"] for h in log_history if "loss" in h]
+    axes[2].plot(steps, [h["loss"] for h in log_history if "loss" in h], marker="o")
+    axes[2].set_xlabel("optimizer step")
+    axes[2].set_title("AST distillation loss")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as fh:
+        json.dump(doc, fh, indent=2)
+    os.replace(fh.name, path)
+
+
+def print_table(rows: list[dict[str, Any]], dense_ppl: float) -> None:
+    print("\n| model | held-out ppl | x dense | KL to dense | chat accuracy | answered | train tokens | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['perplexity']:.2f} | {r['perplexity'] / dense_ppl:.2f} | {r['kl_to_dense']:.3f} | "
+              f"{r['chat_accuracy']:.0%} | {r['chat_answered']:.0%} | {r.get('train_tokens', 0):,} | "
+              f"{r.get('wall_s', 0):.0f} |")
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, default_data_collator
 
     import hf_sparse
+    from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments
+    from hf_sparse.assets import load_model_and_tokenizer
+    from hf_sparse.chat_eval import teacher_chat_conversations, teacher_chat_texts
+    from hf_sparse.evaluate import reference_logprobs, tokenize_texts
+    from hf_sparse.oneshot import prune_oneshot
 
     start = time.time()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(config)
-    ids = torch.randint(0, 256, (4, 32))
-    peft_model = get_peft_model(model, hf_sparse.ASTConfig())
-    opt = torch.optim.AdamW(peft_model.parameters(), lr=1e-3)
-    steps = 3 if args.smoke else args.steps
-    losses = []
-    for step in range(steps):
-        loss = peft_model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        if (step + 1) % 10 == 0:
-            peft_model.base_model.update_masks()
-    merged = peft_model.merge_and_unload()
-    os.makedirs(args.output_dir, exist_ok=True)
-    model_dir = os.path.join(args.output_dir, "model")
-    merged.save_pretrained(model_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
-    same = torch.equal(reloaded(ids).logits, merged(ids).logits)
-    sparse = all(hf_sparse.is_nm_sparse(m.weight) for n, m in reloaded.named_modules() if n.endswith("_proj"))
-    results = {"model_dir": model_dir, "losses": losses, "reload_identical": same, "all_2to4": sparse,
-               "wall_time_s": round(time.time() - start, 2)}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; 2:4 everywhere: {sparse}; reload identical: {same}")
-    return 0 if (same and sparse) else 1
+    budget = _budget(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    print(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", flush=True)
+    dense, tokenizer = load_model_and_tokenizer(args.model, device=device)
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    train_texts = _texts(args.train_file, "train")
+    eval_ids = heldout_stream(tokenizer, _texts(args.heldout_file, "heldout"), budget.eval_tokens)
+    print("dense reference distributions (for KL) ...", flush=True)
+    reference = reference_logprobs(dense, eval_ids, max_length=budget.seq_len, stride=budget.seq_len, device=device)
+
+    t = time.time()
+    rows = [measure("dense", dense, tokenizer, eval_ids, reference, budget, device) | {"wall_s": time.time() - t}]
+
+    t = time.time()
+    calib_ids = tokenize_texts(tokenizer, train_texts[:2])
+    n_cal = budget.calibration_samples * budget.seq_len
+    calibration = calib_ids[:n_cal].view(budget.calibration_samples, budget.seq_len)
+    print(f"one-shot {args.oneshot} 2:4 ({budget.calibration_samples}x{budget.seq_len} calibration tokens) ...",
+          flush=True)
+    pruned = copy.deepcopy(dense)
+    masks = prune_oneshot(pruned, args.oneshot, calibration, device=device)
+    oneshot_wall = time.time() - t
+    rows.append(measure(f"one-shot {args.oneshot}", pruned, tokenizer, eval_ids, reference, budget, device)
+                | {"wall_s": oneshot_wall})
+
+    t = time.time()
+    if args.model is None:
+        chat = teacher_chat_conversations(tokenizer)  # the bundled dense model's own answers
+    else:
+        print("generating the teacher's chat answers ...", flush=True)
+        chat = teacher_chat_texts(dense, tokenizer)
+    dataset = training_dataset(tokenizer, train_texts[2:] if len(train_texts) > 2 else train_texts, chat,
+                               budget, args.seed)
+    ast_config = ASTConfig(mask_score=args.mask_score, mask_update_interval=args.mask_update_interval,
+                           masked_decay_peak=1e-4, use_slorb=args.slorb)
+    student = ast_student(dense, pruned, masks, ast_config)
+    del pruned
+    training_args = ASTTrainingArguments(
+        output_dir=str(out / "ast_run"), per_device_train_batch_size=budget.batch_size,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", max_steps=budget.max_steps,
+        logging_steps=max(1, min(5, budget.max_steps // 4)), save_strategy="no", report_to=[],
+        use_cpu=device == "cpu", seed=args.seed, data_seed=args.seed, distill_alpha=1.0, distill_temperature=1.0,
+        dataloader_num_workers=0, include_num_input_tokens_seen=True,
+    )
+    trainer = ASTTrainer(model=student, args=training_args, teacher_model=dense, train_dataset=dataset,
+                         data_collator=default_data_collator)
+    trainer.train()
+    log_history = list(trainer.state.log_history)
+    train_tokens = budget.max_steps * budget.batch_size * budget.seq_len
+
+    model_dir = out / "model"
+    print(f"exporting packed 2:4 safetensors to {model_dir} ...", flush=True)
+    hf_sparse.export(trainer.model, model_dir, bits=16, tokenizer=tokenizer,
+                     card={"base_model": str(args.model or "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                           "token_budget": train_tokens, "method": "ast"})
+    del trainer, student
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    nm_ok = all(hf_sparse.is_nm_sparse(m.weight) for m in _sparse_modules(reloaded))
+    rows.append(measure("AST", reloaded, tokenizer, eval_ids, reference, budget, device)
+                | {"wall_s": time.time() - t, "train_tokens": train_tokens})
+
+    write_chart(rows, log_history, out / CHART_FILE)
+    dense_ppl = rows[0]["perplexity"]
+    doc = {
+        "model_dir": str(model_dir), "base_model": str(args.model or "SmolLM2-135M-Instruct (bundled)"),
+        "oneshot_method": args.oneshot, "budget": vars(budget), "device": device, "smoke": args.smoke,
+        "rows": rows, "reloaded_is_2of4": nm_ok, "wall_time_s": round(time.time() - start, 1),
+        "chart": str(out / CHART_FILE), "training_plot": str(out / "ast_run" / "ast_training.png"),
+    }
+    _write_json(out / RESULTS_FILE, doc)
+    print_table(rows, dense_ppl)
+    print(f"\n2:4 model: {model_dir} (AutoModelForCausalLM.from_pretrained after `import hf_sparse`); "
+          f"results: {out / RESULTS_FILE}; chart: {out / CHART_FILE}; total {doc['wall_time_s']:.0f} s")
+    return 0 if nm_ok else 1
+
+
+def _sparse_modules(model) -> list:
+    from .kernels.packed_linear import PackedNMLinear
+
+    found = [m for m in model.modules() if isinstance(m, PackedNMLinear)]
+    if not found:
+        raise RuntimeError("the reloaded export holds no packed 2:4 modules")
+    return found
+

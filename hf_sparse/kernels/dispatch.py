@@ -46,7 +46,7 @@ __all__ = [
 
 # tests and benchmarks may pin a path ("dense", "semi_structured", "triton_w4a16"); None = automatic choice
 FORCE_PATH: str | None = None
-# On CUDA the dense fallback keeps its dequantized weight (speed: the dense path must match a dense
+# The dense fallback keeps its dequantized weight (speed: the dense path must match a dense
 # model wherever it is chosen, e.g. 2:4 fp16 at decode). Costs the dense weight's memory for modules
 # that use it; HF_SPARSE_DENSE_CACHE=0 dequantizes on every call instead (less memory, slower).
 ENV_DENSE_CACHE = "HF_SPARSE_DENSE_CACHE"
@@ -175,11 +175,12 @@ def tune_model(model: torch.nn.Module, m_values: tuple[int, ...] = (1, 16, 128, 
 
 
 def _keep_dense_copy(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and os.environ.get(ENV_DENSE_CACHE, "1") != "0"
+    # kept on every device: re-dequantizing each call made CPU evaluation of an export ~10x slower than dense
+    return os.environ.get(ENV_DENSE_CACHE, "1") != "0"
 
 
 def dense_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.Tensor:
-    """Exact dequantized weight + ``F.linear``; on CUDA the dequantized copy is kept (see ENV_DENSE_CACHE)."""
+    """Exact dequantized weight + ``F.linear``; the dequantized copy is kept (see ENV_DENSE_CACHE)."""
     if _keep_dense_copy(x):
         cache = module._kernel_cache
         key = (x.device, x.dtype)
