@@ -9,11 +9,22 @@ KL to the dense model is the finer signal for a pruned model: perplexity only lo
 KL at the whole distribution. Running the dense model once per compared model is wasteful, so
 :func:`reference_logprobs` precomputes the reference's distributions once into a :class:`ReferenceLogprobs`
 cache. Full-vocabulary log-probs are ``tokens x vocab`` floats (SmolLM2: 49152 x 4 bytes = 192 KiB per
-token), so by default the cache keeps the reference's **top-k** tokens per position plus the remaining mass as
-one "rest" bucket. KL on that coarsened distribution is a lower bound of the exact KL (data processing
-inequality) and equals it when the rest mass is negligible; with k = 256 the two agree to well under 1% on
-SmolLM2 (see the tests for the bound). Pass ``top_k=None`` for the exact full distributions, or give
-:func:`kl_to_reference` the reference *model* to run both models window by window (exact, no storage).
+token), so by default the cache keeps the reference's **top-k** tokens per position (8 bytes each) plus the
+remaining mass as one "rest" bucket. KL on that coarsened distribution is a lower bound of the exact KL (data
+processing inequality). Measured on SmolLM2-135M-Instruct, 3000 held-out Shakespeare tokens, share of the exact
+KL recovered:
+
+=========================  ========  ======  ======  ======
+compared model             exact KL  k=256   k=1024  k=4096
+=========================  ========  ======  ======  ======
+one-shot magnitude 2:4     3.547     0.925   0.972   0.994
+magnitude 3:4 on MLPs      0.488     0.913   0.967   0.993
+=========================  ========  ======  ======  ======
+
+So the default ``top_k=1024`` (8 KiB per token) reads about 3% low, the same way for every model (fine for
+ranking); ``top_k=4096`` (32 KiB per token) is within 1%. For final numbers give :func:`kl_to_reference` the
+reference *model*: both run window by window, exact, no storage, one extra forward per window. ``top_k=None``
+stores full distributions (exact, 192 KiB per token).
 """
 
 from __future__ import annotations
@@ -237,14 +248,15 @@ def reference_logprobs(
     max_length: int = 512,
     stride: int = 256,
     temperature: float = 1.0,
-    top_k: Optional[int] = 256,
+    top_k: Optional[int] = 1024,
     batch_size: int = 4,
     device: DeviceLike = None,
     progress: bool = True,
 ) -> ReferenceLogprobs:
     """Run the reference (dense) model once and keep its distributions for :func:`kl_to_reference`.
 
-    ``top_k`` tokens per position (default 256: ~2 KiB per token) or ``None`` for the full vocabulary.
+    ``top_k`` tokens per position (default 1024: 8 KiB per token, ~97% of the exact KL, see the module doc)
+    or ``None`` for the full vocabulary.
     """
     ids = _as_stream(input_ids)
     if top_k is not None and top_k < 1:

@@ -165,7 +165,7 @@ def test_cli_eval_on_a_saved_tiny_model(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", str(tmp_path / "model"), "--text-file", str(text), "--reference",
                str(tmp_path / "dense"), "--max-length", "64", "--stride", "32", "--device", "cpu",
-               "--json", str(out), "--no-progress"])
+               "--json", str(out), "--no-progress", "--chat"])
     assert rc == 0
     result = json.loads(out.read_text())
     assert "perplexity" in capsys.readouterr().out
@@ -174,6 +174,7 @@ def test_cli_eval_on_a_saved_tiny_model(tmp_path, capsys):
     assert result["tokens"] == ids.numel() - 1
     assert result["perplexity"] == pytest.approx(perplexity(model, ids, 64, 32, progress=False), rel=1e-5)
     assert result["kl"] > 0
+    assert len(result["chat"]) == 40 and 0.0 <= result["chat_accuracy"] <= 1.0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm_eval is installed")
