@@ -225,11 +225,42 @@ class ReferenceLogprobs:
         return self.logprobs.numel() * self.logprobs.element_size() + extra
 
     def save(self, path: str) -> None:
-        torch.save(self.__dict__, path)
+        """Write a safetensors file (atomic: temp file + rename); the scalars go into its metadata."""
+        import os
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        tensors = {"input_ids": self.input_ids.contiguous(), "logprobs": self.logprobs.contiguous()}
+        if self.token_ids is not None:
+            tensors["token_ids"] = self.token_ids.contiguous()
+        meta = {"max_length": str(self.max_length), "stride": str(self.stride), "temperature": repr(self.temperature)}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str) -> "ReferenceLogprobs":
-        return cls(**torch.load(path, weights_only=True))
+        """Read a file written by :meth:`save` (safetensors only: no pickle), validating its shapes."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        missing = {"input_ids", "logprobs"} - set(tensors) or {"max_length", "stride", "temperature"} - set(meta)
+        if missing:
+            raise ValueError(f"ReferenceLogprobs.load({path!r}): not a reference file, missing {sorted(missing)}")
+        token_ids = tensors.get("token_ids")
+        if token_ids is not None and token_ids.shape != tensors["logprobs"].shape:
+            raise ValueError(f"ReferenceLogprobs.load({path!r}): token_ids {tuple(token_ids.shape)} != logprobs "
+                             f"{tuple(tensors['logprobs'].shape)}")
+        return cls(input_ids=tensors["input_ids"], max_length=int(meta["max_length"]), stride=int(meta["stride"]),
+                   temperature=float(meta["temperature"]), logprobs=tensors["logprobs"], token_ids=token_ids)
 
     def check_matches(self, input_ids: torch.Tensor, max_length: int, stride: int, temperature: float) -> None:
         if (max_length, stride) != (self.max_length, self.stride) or not math.isclose(temperature, self.temperature):

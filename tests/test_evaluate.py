@@ -126,8 +126,8 @@ def test_reference_cache_full_is_exact_and_top_k_is_a_close_lower_bound(tmp_path
     assert top.top_k == 24 and top.nbytes() < full.nbytes()
     approx = kl_to_reference(other, top, ids, max_length=48, stride=16, temperature=2.0, progress=False)
     assert 0 < approx <= exact + 1e-7  # coarsening never increases KL
-    top.save(str(tmp_path / "ref.pt"))
-    loaded = ReferenceLogprobs.load(str(tmp_path / "ref.pt"))
+    top.save(str(tmp_path / "ref.safetensors"))
+    loaded = ReferenceLogprobs.load(str(tmp_path / "ref.safetensors"))
     assert kl_to_reference(other, loaded, ids, max_length=48, stride=16, temperature=2.0,
                            progress=False) == pytest.approx(approx, rel=1e-6)
     with pytest.raises(ValueError, match="stride"):

@@ -1,0 +1,223 @@
+"""Quality at an equal token budget on SmolLM2-135M-Instruct: one-shot baselines vs sparse training.
+
+Rows: dense; one-shot magnitude / Wanda / SparseGPT 2:4; fixed-mask sparse fine-tuning with distillation
+(SparseGPT mask, never recomputed); AST (SparseGPT init, masks recomputed); AST + SLoRB. The three trained
+rows get the same data, steps, batch and learning rate (the demo's recipe: KL distillation from the dense
+teacher on Shakespeare + the teacher's chat answers). Each trained row is evaluated on a slice of the eval
+split every ``--curve-every`` steps (the ratio-vs-tokens curve) and on the full eval slice at the end.
+
+    python benchmarks/quality.py                       # CPU default budget (<= 60 min on 2 cores)
+    python benchmarks/quality.py --split validation    # tune here; report the held-out run
+    python benchmarks/quality.py --device cuda --max-steps 400 --batch-size 16   # ~10 min on one H100
+
+Writes ``--out`` (JSON: rows, curves, settings) and a PNG beside it; prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, default_data_collator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hf_sparse  # noqa: E402
+from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments  # noqa: E402
+from hf_sparse.assets import load_model_and_tokenizer, shakespeare  # noqa: E402
+from hf_sparse.chat_eval import chat_accuracy, load_questions, teacher_chat_conversations  # noqa: E402
+from hf_sparse.demo import Budget, _use_bf16, ast_student, heldout_stream, training_dataset  # noqa: E402
+from hf_sparse.evaluate import evaluate_lm, reference_logprobs, tokenize_texts  # noqa: E402
+from hf_sparse.oneshot import prune_oneshot  # noqa: E402
+
+
+class CurveCallback(TrainerCallback):
+    """Held-out perplexity on a small slice every ``every`` steps: the ratio-vs-tokens curve."""
+
+    def __init__(self, ids: torch.Tensor, every: int, seq_len: int, tokens_per_step: int):
+        self.ids, self.every, self.seq_len, self.tokens_per_step = ids, every, seq_len, tokens_per_step
+        self.points: list[dict] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            ppl = evaluate_lm(model, self.ids, max_length=self.seq_len, stride=self.seq_len, progress=False)
+            self.points.append({"step": state.global_step, "tokens": state.global_step * self.tokens_per_step,
+                                "perplexity": ppl["perplexity"]})
+            model.train()
+
+
+def measure(name, model, tok, eval_ids, reference, args, extra=None) -> dict:
+    t = time.time()
+    lm = evaluate_lm(model, eval_ids, reference=reference, max_length=args.seq_len, stride=args.seq_len,
+                     device=args.device)
+    row = {"method": name, "perplexity": lm["perplexity"], "kl_to_dense": lm.get("kl", 0.0)}
+    if not args.no_chat:
+        chat = chat_accuracy(model, tok, questions=load_questions())
+        row["chat_accuracy"] = chat["accuracy"]
+    row["eval_s"] = time.time() - t
+    row.update(extra or {})
+    print(f"  {name}: ppl {row['perplexity']:.2f}  KL {row['kl_to_dense']:.3f}"
+          + (f"  chat {row['chat_accuracy']:.0%}" if "chat_accuracy" in row else ""), flush=True)
+    return row
+
+
+def train(name, dense, pruned, masks, cfg: ASTConfig, dataset, curve_ids, args, use_bf16: bool):
+    student = ast_student(dense, pruned, masks, cfg)
+    curve = CurveCallback(curve_ids, args.curve_every, args.seq_len, args.batch_size * args.seq_len)
+    targs = ASTTrainingArguments(
+        output_dir=str(Path(args.work_dir) / name.replace(" ", "_")), per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", max_steps=args.max_steps,
+        logging_steps=10, save_strategy="no", report_to=[], use_cpu=args.device == "cpu", seed=args.seed,
+        data_seed=args.seed, distill_alpha=1.0, distill_temperature=1.0, bf16=use_bf16,
+        teacher_dtype="bfloat16" if use_bf16 else None, ast_plot=False, disable_tqdm=False,
+    )
+    t = time.time()
+    trainer = ASTTrainer(model=student, args=targs, teacher_model=dense, train_dataset=dataset,
+                         data_collator=default_data_collator, callbacks=[curve])
+    trainer.train()
+    flips = [h["ast/flip_rate"] for h in trainer.state.log_history if "ast/flip_rate" in h]
+    model = trainer.model.merge_and_unload()
+    return model, {"train_s": time.time() - t, "curve": curve.points,
+                   "train_tokens": args.max_steps * args.batch_size * args.seq_len,
+                   "flip_rate_last": flips[-1] if flips else None}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--split", default="heldout", choices=["heldout", "validation"], help="evaluation split")
+    p.add_argument("--max-steps", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--curve-tokens", type=int, default=2048)
+    p.add_argument("--curve-every", type=int, default=30)
+    p.add_argument("--calibration-samples", type=int, default=16)
+    p.add_argument("--chat-fraction", type=float, default=0.5)
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt,fixed,ast,ast_slorb")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--no-chat", action="store_true", help="skip the chat check")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default="/tmp/hf_sparse_quality")
+    p.add_argument("--out", default="benchmarks/results/quality.json")
+    args = p.parse_args()
+    methods = args.methods.split(",")
+    start = time.time()
+    torch.manual_seed(args.seed)
+
+    dense, tok = load_model_and_tokenizer(args.model, device=args.device)
+    for prm in dense.parameters():
+        prm.requires_grad_(False)
+    eval_texts = shakespeare(args.split)
+    eval_ids = heldout_stream(tok, eval_texts, args.eval_tokens)
+    curve_ids = heldout_stream(tok, [t[len(t) // 2:] for t in eval_texts], args.curve_tokens)  # other part of the plays
+    reference = reference_logprobs(dense, eval_ids, max_length=args.seq_len, stride=args.seq_len, device=args.device)
+    train_texts = shakespeare("train")
+    rows = [measure("dense", dense, tok, eval_ids, reference, args)]
+
+    calib_ids = tokenize_texts(tok, train_texts[:2])
+    calibration = calib_ids[: args.calibration_samples * args.seq_len].view(args.calibration_samples, args.seq_len)
+    pruned: dict[str, tuple] = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        if method not in methods and not (method == "sparsegpt" and {"fixed", "ast", "ast_slorb"} & set(methods)):
+            continue
+        t = time.time()
+        model = copy.deepcopy(dense)
+        masks = prune_oneshot(model, method, None if method == "magnitude" else calibration, device=args.device)
+        prune_s = time.time() - t
+        if method in methods:
+            rows.append(measure(f"one-shot {method}", model, tok, eval_ids, reference, args, {"prune_s": prune_s}))
+        if method == "sparsegpt":
+            pruned[method] = (model, masks)
+        else:
+            del model
+
+    budget = Budget(max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                    chat_fraction=args.chat_fraction)
+    dataset = training_dataset(tok, train_texts[2:], teacher_chat_conversations(tok), budget, args.seed)
+    use_bf16 = _use_bf16(args.precision, args.device)
+    teacher = copy.deepcopy(dense)  # the trainer may cast its teacher to bf16; `dense` stays the fp32 reference
+    configs = {
+        "fixed": ("fixed-mask distill", ASTConfig(mask_update_interval=0, masked_decay_peak=0.0)),
+        "ast": ("AST", ASTConfig(mask_score="activation", mask_update_interval=10, masked_decay_peak=1e-4)),
+        "ast_slorb": ("AST + SLoRB", ASTConfig(mask_score="activation", mask_update_interval=10,
+                                               masked_decay_peak=1e-4, use_slorb=True)),
+    }
+    for key in ("fixed", "ast", "ast_slorb"):
+        if key not in methods:
+            continue
+        name, cfg = configs[key]
+        print(f"training {name} ({args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens) ...", flush=True)
+        model, extra = train(name, teacher, *pruned["sparsegpt"], cfg, dataset, curve_ids, args, use_bf16)
+        rows.append(measure(name, model.float(), tok, eval_ids, reference, args, extra))
+        del model
+
+    dense_ppl = rows[0]["perplexity"]
+    for r in rows:
+        r["ratio_to_dense"] = r["perplexity"] / dense_ppl
+    doc = {"model": args.model or "SmolLM2-135M-Instruct (bundled GGUF)", "split": args.split,
+           "settings": {k: v for k, v in vars(args).items()}, "bf16": use_bf16, "rows": rows,
+           "wall_s": time.time() - start, "torch": torch.__version__, "hf_sparse": hf_sparse.__version__}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out)
+    write_plot(rows, out.with_suffix(".png"))
+
+    print(f"\n{args.split} perplexity, {args.eval_tokens} tokens; trained rows: {args.max_steps} steps x "
+          f"{args.batch_size} x {args.seq_len} = {args.max_steps * args.batch_size * args.seq_len:,} tokens")
+    print("| method | ppl | x dense | KL to dense | chat | train tokens |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        chat = f"{r['chat_accuracy']:.0%}" if "chat_accuracy" in r else "-"
+        print(f"| {r['method']} | {r['perplexity']:.2f} | {r['ratio_to_dense']:.2f} | {r['kl_to_dense']:.3f} | "
+              f"{chat} | {r.get('train_tokens', 0):,} |")
+    for r in rows:
+        if r.get("curve"):
+            print(f"curve {r['method']}: " + ", ".join(f"{c['tokens']:,} tok -> {c['perplexity'] / dense_ppl:.2f}x"
+                                                     for c in r["curve"]))
+    print(f"wall {doc['wall_s'] / 60:.1f} min; wrote {out}")
+    return 0
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    dense = rows[0]["perplexity"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].barh([r["method"] for r in rows], [r["perplexity"] / dense for r in rows])
+    axes[0].set_xscale("log")
+    axes[0].axvline(1.25, color="k", ls="--", lw=1, label="1.25x dense")
+    axes[0].set_xlabel("perplexity / dense")
+    axes[0].legend()
+    for r in rows:
+        if r.get("curve"):
+            axes[1].plot([c["tokens"] for c in r["curve"]], [c["perplexity"] / dense for c in r["curve"]],
+                         marker="o", label=r["method"])
+    axes[1].axhline(1.25, color="k", ls="--", lw=1)
+    axes[1].set_xlabel("training tokens")
+    axes[1].set_ylabel("perplexity / dense (curve slice)")
+    axes[1].legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
