@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-file", default=None, help="training text file/folder or `datasets` name "
                         "(default: the bundled Shakespeare train plays)")
     parser.add_argument("--heldout-file", default=None, help="held-out text file (default: the held-out plays)")
+    parser.add_argument("--eval-split", default="heldout", choices=["heldout", "validation"],
+                        help="bundled split to evaluate on: tune settings on validation, report held-out")
     parser.add_argument("--oneshot", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
                         help="one-shot method that prunes first and initialises AST's mask")
     parser.add_argument("--max-steps", type=int, default=d.max_steps, help="AST optimizer steps (the budget)")
@@ -245,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     for p in dense.parameters():
         p.requires_grad_(False)
     train_texts = _texts(args.train_file, "train")
-    eval_ids = heldout_stream(tokenizer, _texts(args.heldout_file, "heldout"), budget.eval_tokens)
+    eval_ids = heldout_stream(tokenizer, _texts(args.heldout_file, args.eval_split), budget.eval_tokens)
     print("dense reference distributions (for KL) ...", flush=True)
     reference = reference_logprobs(dense, eval_ids, max_length=budget.seq_len, stride=budget.seq_len, device=device)
 

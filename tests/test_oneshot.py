@@ -316,10 +316,12 @@ def test_initialize_ast_masks_equals_oneshot(arch, method):
         torch.testing.assert_close(ast(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_ast_trainer_starts_from_the_wanda_mask(tmp_path):
+@pytest.mark.parametrize("trainer_kind", ["ast", "plain"])
+def test_ast_trainer_starts_from_the_wanda_mask(tmp_path, trainer_kind):
     from test_training_utils import ast_args, hamlet_blocks, pretrained_tiny
+    from transformers import Trainer
 
-    from hf_sparse import ASTTrainer
+    from hf_sparse import ASTTrainer, add_ast_callbacks
 
     data = hamlet_blocks(32, max_blocks=8)
     model = pretrained_tiny("llama", steps=20)
@@ -328,10 +330,14 @@ def test_ast_trainer_starts_from_the_wanda_mask(tmp_path):
     expected = initialize_ast_masks(reference, "wanda", calib, batch_size=8, progress=False)
     magnitude = {n: l.ast_mask["default"].clone() for n, l in find_ast_model(
         peft.get_peft_model(copy.deepcopy(model), ASTConfig()))[0].ast_layers()}
-    trainer = ASTTrainer(
-        model=model, args=ast_args(tmp_path, max_steps=2, ast_plot=False, ast_calibration_samples=8),
-        ast_config=ASTConfig(mask_init="wanda"), train_dataset=data, data_collator=default_data_collator,
-    )
+    args = ast_args(tmp_path, max_steps=2, ast_plot=False, ast_calibration_samples=8)
+    if trainer_kind == "ast":
+        trainer = ASTTrainer(model=model, args=args, ast_config=ASTConfig(mask_init="wanda"), train_dataset=data,
+                             data_collator=default_data_collator)
+    else:  # a plain Trainer on an AST PEFT model with the public callbacks
+        trainer = Trainer(model=peft.get_peft_model(model, ASTConfig(mask_init="wanda")), args=args,
+                          train_dataset=data, data_collator=default_data_collator)
+        add_ast_callbacks(trainer, plot=False)
     assert isinstance(trainer.callback_handler.callbacks[0], ASTOneShotInitCallback)
     trainer.train()
     ast_model, _ = find_ast_model(trainer.model)

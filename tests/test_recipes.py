@@ -82,3 +82,16 @@ def test_cli_trains_tiny_recipe_and_saves_it_beside_checkpoints(tmp_path, capsys
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12
     assert "done, 12 steps" in capsys.readouterr().out
+
+
+def test_recipe_with_fsdp_is_refused_before_loading_anything(tmp_path):
+    """`hf-sparse train` refuses FSDP from the recipe's arguments alone: the model path need not even exist."""
+    from hf_sparse.training.cli import build_trainer
+    from hf_sparse.training.recipe import load_recipe
+
+    recipe = load_recipe(os.path.join(RECIPES, "tiny-cpu.yaml"), [
+        "model.config=null", "model.name_or_path=/nonexistent/model", "training.fsdp=full_shard",
+        f"training.output_dir={tmp_path}",
+    ])
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        build_trainer(recipe)

@@ -323,9 +323,15 @@ def plot_training(log_history: list[dict], output_dir: str) -> str:
 
 
 def add_ast_callbacks(trainer: Any, config: Optional[ASTConfig] = None, plot: bool = True) -> ASTMaskCallback:
-    """Attach the AST callbacks to any Trainer; the mask callback goes first so reporters see its metrics."""
+    """Attach the AST callbacks to any Trainer; the mask callback goes first so reporters see its metrics.
+
+    The one-shot mask initialiser (``ASTConfig.mask_init="wanda"|"sparsegpt"``) goes before it, as in ASTTrainer.
+    """
+    from ..oneshot.ast_init import ASTOneShotInitCallback
+
     callback = ASTMaskCallback(config)
     trainer.callback_handler.callbacks.insert(0, callback)
+    trainer.callback_handler.callbacks.insert(0, ASTOneShotInitCallback())
     if plot:
         trainer.add_callback(ASTPlotCallback())
     return callback

@@ -107,12 +107,13 @@ class ASTTrainer(Trainer):
             args = ASTTrainingArguments(output_dir="trainer_output")
         elif not isinstance(args, ASTTrainingArguments):
             args = ASTTrainingArguments(**{k: v for k, v in args.to_dict().items() if k in _init_fields(args)})
+        check_distributed_support(args)  # before copying a teacher or wrapping anything
         alpha = args.distill_alpha
         if alpha > 0 and teacher_model is None:
             teacher_model = frozen_teacher(model)  # before wrapping: the dense weights as they are now
         model = prepare_ast_model(model, ast_config)
         super().__init__(model=model, args=args, **kwargs)
-        _check_distributed_support(self)
+        check_distributed_support(self.args, self)
         self.teacher_model: Optional[nn.Module] = None
         if alpha > 0:
             device = args.teacher_device or args.device
@@ -260,17 +261,21 @@ def _mask_padding(labels: torch.Tensor, attention_mask: Optional[torch.Tensor]) 
     return labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
 
 
-def _check_distributed_support(trainer: Trainer) -> None:
-    """FSDP and DeepSpeed shard the weights the masks live beside: refuse them at start, clearly."""
+def check_distributed_support(args: TrainingArguments, trainer: Optional[Trainer] = None) -> None:
+    """FSDP and DeepSpeed shard the weights the masks live beside: refuse them at start, clearly.
+
+    Called with the arguments alone before any model or data is loaded (``hf-sparse train``, and first thing in
+    ``ASTTrainer.__init__``), and again with the built trainer (accelerate's launch config may enable them).
+    """
     import os
 
     env_true = lambda name: os.environ.get(name, "").lower() in ("1", "true", "yes")  # noqa: E731
-    if trainer.is_fsdp_enabled or trainer.args.fsdp or env_true("ACCELERATE_USE_FSDP"):
+    if (trainer is not None and trainer.is_fsdp_enabled) or args.fsdp or env_true("ACCELERATE_USE_FSDP"):
         raise NotImplementedError(
             "ASTTrainer does not support FSDP yet: masks, the masked-decay optimizer and the recompute need the "
             "full (unsharded) target weights. Use DDP (accelerate launch --multi_gpu), or a smaller model per GPU."
         )
-    if trainer.is_deepspeed_enabled or trainer.args.deepspeed or env_true("ACCELERATE_USE_DEEPSPEED"):
+    if (trainer is not None and trainer.is_deepspeed_enabled) or args.deepspeed or env_true("ACCELERATE_USE_DEEPSPEED"):
         raise NotImplementedError(
             "ASTTrainer does not support DeepSpeed yet: ZeRO partitions the weights the N:M masks apply to. "
             "Use DDP (accelerate launch --multi_gpu)."
