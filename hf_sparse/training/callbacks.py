@@ -231,12 +231,19 @@ class ASTMaskCallback(TrainerCallback):
 
     # ---- checkpoint/resume ----
     def on_save(self, args, state, control, **kwargs: Any):
-        if self.ast_model is None or not args.should_save:
+        if self.ast_model is None:
+            return control
+        input_sq = self._input_sq
+        if _is_dist() and input_sq:  # every rank calls on_save: save the ranks' sum (what _scores would use)
+            input_sq = {k: v.clone() for k, v in sorted(input_sq.items())}
+            for v in input_sq.values():
+                torch.distributed.all_reduce(v)
+        if not args.should_save:
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
             return control
-        tensors = {f"input_sq.{k}": v.detach().cpu().contiguous() for k, v in self._input_sq.items()}
+        tensors = {f"input_sq.{k}": v.detach().cpu().contiguous() for k, v in input_sq.items()}
         meta = {
             "current_lambda": json.dumps(self.current_lambda),
             "last_flip": json.dumps(self.last_flip),
@@ -262,9 +269,13 @@ class ASTMaskCallback(TrainerCallback):
         self.num_recomputes = json.loads(meta.get("num_recomputes", "0"))
         self.recompute_seconds = json.loads(meta.get("recompute_seconds", "0.0"))
         devices = {name: layer.get_base_layer().weight.device for name, layer in self.ast_model.ast_layers()}
+        # the file holds the ranks' summed norms: rank 0 takes them, the others restart from zeros, so the next
+        # all-reduce in _scores gives exactly what an uninterrupted run would have
+        keep = not _is_dist() or torch.distributed.get_rank() == 0
         for key, value in load_file(path).items():
             name = key[len("input_sq."):]
-            self._input_sq[name] = value.to(devices.get(name, "cpu"))
+            value = value.to(devices.get(name, "cpu"))
+            self._input_sq[name] = value if keep else torch.zeros_like(value)
 
     def on_train_end(self, args, state, control, **kwargs: Any):
         for handle in self._hooks:
