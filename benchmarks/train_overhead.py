@@ -1,0 +1,151 @@
+"""Step-time overhead of AST over a plain fine-tune: one model, batch and machine, in one run.
+
+Rows (same model, data, batch, precision, optimizer family):
+  plain      transformers.Trainer, dense model, CE loss
+  ast_no_kd  ASTTrainer with distill_alpha=0: STE masks, masked-decay AdamW, mask recomputes, no teacher
+  ast_full   ASTTrainer: + frozen dense teacher (KL distillation)
+and the share of AST's step time spent recomputing masks (ASTMaskCallback's own timer, amortised over Δt).
+Targets (issue 3): full AST <= 1.4x the plain step; mask recompute <= 2% of step time.
+
+    python benchmarks/train_overhead.py                        # bundled SmolLM2-135M, 4 x 256 tokens, CPU
+    python benchmarks/train_overhead.py --device cuda --batch-size 16 --seq-len 512
+
+Writes ``--out`` (JSON) and prints a Markdown table. Timed steps exclude ``--warmup`` first steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments  # noqa: E402
+from hf_sparse.training.data import TextBlocks  # noqa: E402
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (forward, backward, optimizer, callbacks), synchronised on CUDA."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t)
+
+
+def load(model: str | None, device: str):
+    if model == "tiny":
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2)
+        return AutoModelForCausalLM.from_config(cfg).to(device), 4096
+    from hf_sparse.assets import load_model_and_tokenizer
+
+    m, tok = load_model_and_tokenizer(model, device=device)
+    return m, len(tok)
+
+
+def run_one(kind: str, base, data, args, bf16: bool) -> dict:
+    common = dict(output_dir=os.path.join(args.work_dir, kind), per_device_train_batch_size=args.batch_size,
+                  learning_rate=1e-5, max_steps=args.warmup + args.steps, logging_steps=10_000, save_strategy="no",
+                  report_to=[], use_cpu=args.device == "cpu", seed=0, disable_tqdm=True, bf16=bf16,
+                  optim="adamw_torch", lr_scheduler_type="constant")
+    timer = StepTimer()
+    model = copy.deepcopy(base)
+    if kind == "plain":
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data,
+                          data_collator=default_data_collator, callbacks=[timer])
+    else:
+        cfg = ASTConfig(mask_score=args.mask_score, mask_update_interval=args.interval, masked_decay_peak=1e-4,
+                        masked_decay_ramp_steps=1)
+        targs = ASTTrainingArguments(**common, distill_alpha=0.0 if kind == "ast_no_kd" else 0.67, ast_plot=False,
+                                     teacher_dtype="bfloat16" if bf16 else None)
+        trainer = ASTTrainer(model=model, args=targs, ast_config=cfg, train_dataset=data,
+                             data_collator=default_data_collator, callbacks=[timer])
+    trainer.train()
+    timed = timer.times[args.warmup:]
+    row = {"kind": kind, "step_s_median": statistics.median(timed), "step_s_mean": statistics.fmean(timed),
+           "steps_timed": len(timed)}
+    if kind != "plain":
+        cb = trainer.ast_callback
+        row["recomputes"] = cb.num_recomputes
+        row["recompute_s_each"] = cb.recompute_seconds / max(cb.num_recomputes, 1)
+    del trainer, model
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="hub id/dir; default the bundled SmolLM2-135M; `tiny` = random 4-layer")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--interval", type=int, default=10, help="mask recompute interval Δt")
+    p.add_argument("--mask-score", default="activation", choices=["activation", "magnitude"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--work-dir", default="/tmp/hf_sparse_overhead")
+    p.add_argument("--out", default="benchmarks/results/train_overhead.json")
+    args = p.parse_args()
+    from hf_sparse.demo import _use_bf16
+
+    bf16 = _use_bf16(args.precision, args.device)
+    base, vocab = load(args.model, args.device)
+    g = torch.Generator().manual_seed(0)
+    n = (args.warmup + args.steps) * args.batch_size
+    data = TextBlocks(torch.randint(0, vocab, (n * args.seq_len,), generator=g), args.seq_len)
+    rows = [run_one(kind, base, data, args, bf16) for kind in ("plain", "ast_no_kd", "ast_full")]
+    plain = rows[0]["step_s_median"]
+    for r in rows:
+        r["x_plain"] = r["step_s_median"] / plain
+        if "recompute_s_each" in r:
+            r["recompute_share"] = r["recompute_s_each"] / (args.interval * r["step_s_median"])
+    doc = {"model": args.model or "SmolLM2-135M-Instruct (bundled)", "device": args.device,
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "bf16": bf16,
+           "batch": f"{args.batch_size} x {args.seq_len}", "interval": args.interval, "mask_score": args.mask_score,
+           "rows": rows, "targets": {"ast_full_x_plain_max": 1.4, "recompute_share_max": 0.02}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out)
+    print(f"\n{doc['model']} on {args.device} ({doc['threads']} threads, bf16={bf16}), batch {doc['batch']}, "
+          f"Δt={args.interval}, score={args.mask_score}")
+    print("| run | step s (median) | x plain | mask recompute s | recompute share of step time |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        rec = f"{r['recompute_s_each']:.3f}" if "recompute_s_each" in r else "-"
+        share = f"{100 * r['recompute_share']:.2f}%" if "recompute_share" in r else "-"
+        print(f"| {r['kind']} | {r['step_s_median']:.3f} | {r['x_plain']:.2f} | {rec} | {share} |")
+    full = rows[-1]
+    print(f"targets: full AST {full['x_plain']:.2f}x plain (<= 1.4): {'met' if full['x_plain'] <= 1.4 else 'NOT met'}; "
+          f"recompute {100 * full['recompute_share']:.2f}% (<= 2%): {'met' if full['recompute_share'] <= 0.02 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
