@@ -275,7 +275,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = training_dataset(tokenizer, train_texts[2:] if len(train_texts) > 2 else train_texts, chat,
                                budget, args.seed)
     ast_config = ASTConfig(mask_score=args.mask_score, mask_update_interval=args.mask_update_interval,
-                           masked_decay_peak=1e-4, use_slorb=args.slorb)
+                           masked_decay_peak=1e-4, use_slorb=args.slorb,
+                           # SparseGPT's update already compensates the pruned weights: a mean init would double-count
+                           slorb_init="zero" if args.oneshot == "sparsegpt" else "mean")
     student = ast_student(dense, pruned, masks, ast_config)
     use_bf16 = _use_bf16(args.precision, device)
     del pruned
