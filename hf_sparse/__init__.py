@@ -31,6 +31,10 @@ def __getattr__(name: str):
         from . import training
 
         return getattr(training, name)
+    if name == "prune_oneshot":  # one-shot baselines (magnitude, Wanda, SparseGPT)
+        from .oneshot import prune_oneshot
+
+        return prune_oneshot
     raise AttributeError(f"module 'hf_sparse' has no attribute {name!r}")
 
 
@@ -43,4 +47,5 @@ __all__ = [
     "is_nm_sparse",
     "merge_lora_keep_mask",
     "nm_mask",
+    "prune_oneshot",
 ]

@@ -37,7 +37,7 @@ CHART_FILE = "demo.png"
 class Budget:
     """What one demo run spends; the defaults fit ~15 minutes on 2 CPU cores (see the README's table)."""
 
-    max_steps: int = 40
+    max_steps: int = 64
     batch_size: int = 4
     seq_len: int = 256
     eval_tokens: int = 8192
