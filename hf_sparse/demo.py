@@ -158,7 +158,7 @@ def ast_student(dense, pruned, masks: dict[str, torch.Tensor], ast_config):
     learning through the STE and can return), masks and initial masks = the one-shot masks."""
     from peft import get_peft_model
 
-    from .training.callbacks import find_ast_model
+    from .oneshot import set_ast_masks
 
     student = copy.deepcopy(pruned)
     dense_modules = dict(dense.named_modules())
@@ -168,18 +168,7 @@ def ast_student(dense, pruned, masks: dict[str, torch.Tensor], ast_config):
                 mask = masks[name].to(module.weight.device)
                 module.weight.copy_(torch.where(mask, module.weight, dense_modules[name].weight))
     peft_model = get_peft_model(student, ast_config)
-    ast_model, _ = find_ast_model(peft_model)
-    for name, layer in ast_model.ast_layers():
-        mask = masks[name]
-        adapter = layer.active_adapters[0]
-        layer.ast_mask[adapter].copy_(mask)
-        layer.ast_initial_mask[adapter].copy_(mask)
-        if adapter in layer.ast_slorb and ast_config.slorb_init == "mean":
-            from .tuners.ast.slorb import slorb_mean_init
-
-            w = layer.get_base_layer().weight
-            layer.ast_slorb[adapter].S.data.copy_(
-                slorb_mean_init(layer._out_in(w), layer._out_in(mask), ast_config.slorb_group_size))
+    set_ast_masks(peft_model, masks, source="one-shot")
     return peft_model
 
 
@@ -257,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
     t = time.time()
     calib_ids = tokenize_texts(tokenizer, train_texts[:2])
     n_cal = budget.calibration_samples * budget.seq_len
+    if len(calib_ids) < n_cal:
+        raise SystemExit(f"hf-sparse demo: --calibration-samples {budget.calibration_samples} x --seq-len "
+                         f"{budget.seq_len} needs {n_cal} tokens; the training text has {len(calib_ids)}")
     calibration = calib_ids[:n_cal].view(budget.calibration_samples, budget.seq_len)
     print(f"one-shot {args.oneshot} 2:4 ({budget.calibration_samples}x{budget.seq_len} calibration tokens) ...",
           flush=True)

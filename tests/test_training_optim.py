@@ -42,7 +42,6 @@ def test_matches_reference_update_for_masked_and_plain_params():
     assert opt.has_masks
     ref_w, ref_o = weight.detach().clone(), other.detach().clone()
     st_w = {"t": 0, "m": torch.zeros_like(ref_w), "v": torch.zeros_like(ref_w)}
-    st_o = {"t": 0, "m": torch.zeros_like(ref_o), "v": torch.zeros_like(ref_o)}
     opt_o = torch.optim.AdamW([ref_o.requires_grad_()], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
     g = torch.Generator().manual_seed(0)
     for _ in range(4):

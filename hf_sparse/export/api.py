@@ -406,7 +406,7 @@ def fake_quantize(
     A PeftModel is merged (``merge_and_unload``) first; the result computes what the loaded export computes.
     """
     prep = prepare_export(model, n, m, bits, group_size, symmetric, targets, dtype)
-    inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
+    inner, sources, spec = prep.inner, prep.sources, prep.spec
     packed = pack_sources(model, sources, spec, method, calibration_data)
     if inner is not model or any(isinstance(mod, ASTLayer) for mod in inner.modules()):
         inner = model.merge_and_unload() if hasattr(model, "merge_and_unload") else inner

@@ -7,7 +7,7 @@ the already-pruned ones. New methods register with ``@register_pruner("name")``.
 
 from . import magnitude, sparsegpt, wanda  # noqa: F401  (register the built-in pruners)
 from .api import prune_oneshot, select_targets
-from .ast_init import ASTOneShotInitCallback, ast_masks_need_init, initialize_ast_masks
+from .ast_init import ASTOneShotInitCallback, ast_masks_need_init, initialize_ast_masks, set_ast_masks
 from .calibration import as_batches, calibration_ids_from_text, load_calibration_ids
 from .magnitude import MagnitudePruner
 from .registry import PRUNERS, OneShotPruner, get_pruner, register_pruner
@@ -33,4 +33,5 @@ __all__ = [
     "prune_sequential",
     "register_pruner",
     "select_targets",
+    "set_ast_masks",
 ]

@@ -22,7 +22,7 @@ from .sequential import prune_sequential
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["initialize_ast_masks", "ASTOneShotInitCallback", "ast_masks_need_init"]
+__all__ = ["initialize_ast_masks", "set_ast_masks", "ASTOneShotInitCallback", "ast_masks_need_init"]
 
 _DONE_ATTR = "_hf_sparse_mask_init_done"
 
@@ -49,15 +49,11 @@ def initialize_ast_masks(
         method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (any registered pruner).
         calibration_ids: token ids; not needed for magnitude.
     """
-    from ..sparsity.nm import nm_violations
-    from ..tuners.ast.slorb import slorb_mean_init
-
     ast_model, config = _ast_model(peft_model)
     pruner_cls = get_pruner(method)
     layers = dict(ast_model.ast_layers())
     if not layers:
         raise ValueError("initialize_ast_masks: the model has no AST layers")
-    adapter = next(iter(layers.values())).active_adapters[0]
     bases = {name: layer.get_base_layer() for name, layer in layers.items()}
     n, m = config.n, config.m
     make = lambda module, name: pruner_cls(module, name, n, m)  # noqa: E731
@@ -81,18 +77,37 @@ def initialize_ast_masks(
     finally:
         for name, layer in layers.items():
             layer._disable_adapters = previous[name]
-    for name, layer in layers.items():
-        mask = masks[name].to(layer.ast_mask[adapter].device)
+    set_ast_masks(peft_model, masks, source=f"one-shot {method}")
+    setattr(ast_model, _DONE_ATTR, method)
+    return masks
+
+
+@torch.no_grad()
+def set_ast_masks(peft_model: nn.Module, masks: dict[str, torch.Tensor], source: str = "given") -> None:
+    """Make ``masks`` (by layer name) every AST layer's current and initial mask, validated exact N:M.
+
+    With SLoRB and ``slorb_init="mean"``, S is re-initialised from the pruned weights under the new mask.
+    """
+    from ..sparsity.nm import nm_violations
+    from ..tuners.ast.slorb import slorb_mean_init
+
+    ast_model, config = _ast_model(peft_model)
+    n, m = config.n, config.m
+    for name, layer in ast_model.ast_layers():
+        if name not in masks:
+            raise KeyError(f"set_ast_masks: no {source} mask for AST layer {name!r}")
+        adapter = layer.active_adapters[0]
+        mask = masks[name].to(device=layer.ast_mask[adapter].device, dtype=torch.bool)
+        if mask.shape != layer.ast_mask[adapter].shape:
+            raise ValueError(f"{name}: {source} mask shape {tuple(mask.shape)} != {tuple(layer.ast_mask[adapter].shape)}")
         if nm_violations(mask, n, m, dim=layer.input_dim) or int(mask.sum()) * m != mask.numel() * n:
-            raise RuntimeError(f"{name}: one-shot {method} mask is not exact {n}:{m}")
+            raise RuntimeError(f"{name}: {source} mask is not exact {n}:{m}")
         layer.ast_mask[adapter].copy_(mask)
         layer.ast_initial_mask[adapter].copy_(mask)
         if adapter in layer.ast_slorb and config.slorb_init == "mean":
-            slorb = layer.ast_slorb[adapter]
             weight = layer.get_base_layer().weight
-            slorb.S.copy_(slorb_mean_init(layer._out_in(weight), layer._out_in(mask), config.slorb_group_size))
-    setattr(ast_model, _DONE_ATTR, method)
-    return masks
+            layer.ast_slorb[adapter].S.copy_(
+                slorb_mean_init(layer._out_in(weight), layer._out_in(mask), config.slorb_group_size))
 
 
 def ast_masks_need_init(model: nn.Module) -> Optional[str]:

@@ -27,7 +27,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..sparsity.scores import activation_scaled_score, magnitude_score
 from ..tuners.ast.config import ASTConfig
-from ..tuners.ast.layer import ASTLayer
 from .optim import MaskedDecayAdamW, unwrap_optimizer
 
 logger = logging.getLogger(__name__)

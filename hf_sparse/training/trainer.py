@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..oneshot.ast_init import ASTOneShotInitCallback
