@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_sparse  # noqa: E402
 from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments  # noqa: E402
+from hf_sparse.export.writer import write_json_atomic  # noqa: E402
 from hf_sparse.assets import load_model_and_tokenizer, shakespeare  # noqa: E402
 from hf_sparse.chat_eval import chat_accuracy, load_questions, teacher_chat_conversations  # noqa: E402
 from hf_sparse.demo import Budget, _use_bf16, ast_student, heldout_stream, training_dataset  # noqa: E402
@@ -168,11 +168,7 @@ def main() -> int:
     doc = {"model": args.model or "SmolLM2-135M-Instruct (bundled GGUF)", "split": args.split,
            "settings": {k: v for k, v in vars(args).items()}, "bf16": use_bf16, "rows": rows,
            "wall_s": time.time() - start, "torch": torch.__version__, "hf_sparse": hf_sparse.__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out)
+    out = write_json_atomic(doc, args.out)
     write_plot(rows, out.with_suffix(".png"))
 
     print(f"\n{args.split} perplexity, {args.eval_tokens} tokens; trained rows: {args.max_steps} steps x "

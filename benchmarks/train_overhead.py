@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments  # noqa: E402
+from hf_sparse.export.writer import write_json_atomic  # noqa: E402
 from hf_sparse.training.data import TextBlocks  # noqa: E402
 
 
@@ -128,11 +128,7 @@ def main() -> int:
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "bf16": bf16,
            "batch": f"{args.batch_size} x {args.seq_len}", "interval": args.interval, "mask_score": args.mask_score,
            "rows": rows, "targets": {"ast_full_x_plain_max": 1.4, "recompute_share_max": 0.02}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(doc, args.out)
     print(f"\n{doc['model']} on {args.device} ({doc['threads']} threads, bf16={bf16}), batch {doc['batch']}, "
           f"Δt={args.interval}, score={args.mask_score}")
     print("| run | step s (median) | x plain | mask recompute s | recompute share of step time |")

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,12 +196,6 @@ def write_chart(rows: list[dict[str, Any]], log_history: list[dict], path: Path)
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as fh:
-        json.dump(doc, fh, indent=2)
-    os.replace(fh.name, path)
-
-
 def print_table(rows: list[dict[str, Any]], dense_ppl: float) -> None:
     print("\n| model | held-out ppl | x dense | KL to dense | chat accuracy | answered | train tokens | wall s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -222,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_sparse.assets import load_model_and_tokenizer
     from hf_sparse.chat_eval import teacher_chat_conversations, teacher_chat_texts
     from hf_sparse.evaluate import reference_logprobs, tokenize_texts
+    from hf_sparse.export.writer import write_json_atomic
     from hf_sparse.oneshot import prune_oneshot
 
     start = time.time()
@@ -308,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows, "reloaded_is_2of4": nm_ok, "wall_time_s": round(time.time() - start, 1),
         "chart": str(out / CHART_FILE), "training_plot": str(out / "ast_run" / "ast_training.png"),
     }
-    _write_json(out / RESULTS_FILE, doc)
+    write_json_atomic(doc, out / RESULTS_FILE)
     print_table(rows, dense_ppl)
     print(f"\n2:4 model: {model_dir} (AutoModelForCausalLM.from_pretrained after `import hf_sparse`); "
           f"results: {out / RESULTS_FILE}; chart: {out / CHART_FILE}; total {doc['wall_time_s']:.0f} s")
