@@ -179,10 +179,12 @@ def write_chart(rows: list[dict[str, Any]], log_history: list[dict], path: Path)
 
     names = [r["model"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    axes[0].bar(names, [r["perplexity"] for r in rows], color=["#4c72b0", "#c44e52", "#55a868"][: len(rows)])
-    axes[0].set_yscale("log")
-    axes[0].set_title("held-out perplexity (lower is better)")
-    axes[1].bar(names, [100 * r["chat_accuracy"] for r in rows], color=["#4c72b0", "#c44e52", "#55a868"][: len(rows)])
+    colors = ["#4c72b0", "#c44e52", "#55a868", "#8172b2"][: len(rows)]
+    bars = axes[0].bar(names, [r["perplexity"] for r in rows], color=colors)
+    axes[0].bar_label(bars, fmt="%.1f")
+    axes[0].set_title("perplexity on the eval split (lower is better)")
+    bars = axes[1].bar(names, [100 * r["chat_accuracy"] for r in rows], color=colors)
+    axes[1].bar_label(bars, fmt="%.0f%%")
     axes[1].set_ylim(0, 100)
     axes[1].set_title("chat check accuracy %")
     steps = [h["step"] for h in log_history if "loss" in h]
