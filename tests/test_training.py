@@ -182,7 +182,8 @@ def test_callbacks_with_plain_trainer(tmp_path):
     args = ast_args(tmp_path, max_steps=12, logging_steps=4, report_to=["tensorboard"])
     trainer = Trainer(model=model, args=args, train_dataset=hamlet_blocks(32), data_collator=default_data_collator)
     callback = add_ast_callbacks(trainer)
-    assert isinstance(trainer.callback_handler.callbacks[0], ASTMaskCallback)
+    # one-shot init first (a no-op for mask_init="magnitude"), then the mask callback, then the reporters
+    assert isinstance(trainer.callback_handler.callbacks[1], ASTMaskCallback)
     trainer.train()
     assert callback.num_recomputes == 3 and not callback._uses_optimizer_decay
     logs = [h for h in trainer.state.log_history if "loss" in h]
