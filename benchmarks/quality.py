@@ -70,7 +70,7 @@ def measure(name, model, tok, eval_ids, reference, args, extra=None) -> dict:
 
 
 def train(name, dense, pruned, masks, cfg: ASTConfig, dataset, curve_ids, args, use_bf16: bool):
-    student = ast_student(dense, pruned, masks, cfg)
+    student = ast_student(dense, pruned, masks, cfg, pruned_init=args.pruned_init)
     curve = CurveCallback(curve_ids, args.curve_every, args.seq_len, args.batch_size * args.seq_len)
     targs = ASTTrainingArguments(
         output_dir=str(Path(args.work_dir) / name.replace(" ", "_")), per_device_train_batch_size=args.batch_size,
@@ -106,6 +106,8 @@ def main() -> int:
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt,fixed,ast,ast_slorb")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-chat", action="store_true", help="skip the chat check")
+    p.add_argument("--pruned-init", default="oneshot", choices=["oneshot", "dense"],
+                   help="pruned weights of the trained rows start as the one-shot model has them, or dense")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="/tmp/hf_sparse_quality")

@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score of the periodic mask recomputes (activation: |W|*||x||, stable on short budgets)")
     parser.add_argument("--mask-update-interval", type=int, default=10, help="steps between mask recomputes")
     parser.add_argument("--slorb", action="store_true", help="add SLoRB low-rank branches (kept in the export)")
+    parser.add_argument("--pruned-init", default="oneshot", choices=["oneshot", "dense"],
+                        help="pruned weights start as the one-shot model has them (zeros) or at their dense values")
     parser.add_argument("--chat-fraction", type=float, default=d.chat_fraction,
                         help="share of training sequences that are the teacher's chat conversations")
     parser.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens to score")
@@ -150,19 +152,26 @@ def measure(name: str, model, tokenizer, eval_ids, reference, budget: Budget, de
     return row
 
 
-def ast_student(dense, pruned, masks: dict[str, torch.Tensor], ast_config):
-    """The AST model starting from a one-shot result: kept weights as the one-shot method left them (SparseGPT
-    updates them), pruned weights back at their dense values (AST keeps the dense W; pruned weights keep
-    learning through the STE and can return), masks and initial masks = the one-shot masks."""
+def ast_student(dense, pruned, masks: dict[str, torch.Tensor], ast_config, pruned_init: str = "oneshot"):
+    """The AST model starting from a one-shot result; masks and initial masks = the one-shot masks.
+
+    Kept weights are as the one-shot method left them (SparseGPT updates them). ``pruned_init`` sets the dense
+    weights under the pruned entries, which keep learning through the STE and can return at a recompute:
+    ``"oneshot"`` leaves them as the one-shot model has them (zeros), so a recompute flips an entry only once
+    training has grown it; ``"dense"`` restores the dense values, and then the first recomputes trade
+    SparseGPT's compensated kept weights for dense ones (measured: worse at short budgets, see RESULTS.md).
+    """
     from peft import get_peft_model
 
     from .oneshot import set_ast_masks
 
+    if pruned_init not in ("oneshot", "dense"):
+        raise ValueError(f"ast_student: argument `pruned_init` must be 'oneshot' or 'dense', got {pruned_init!r}")
     student = copy.deepcopy(pruned)
     dense_modules = dict(dense.named_modules())
     with torch.no_grad():
         for name, module in student.named_modules():
-            if name in masks:
+            if name in masks and pruned_init == "dense":
                 mask = masks[name].to(module.weight.device)
                 module.weight.copy_(torch.where(mask, module.weight, dense_modules[name].weight))
     peft_model = get_peft_model(student, ast_config)
@@ -265,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
                            masked_decay_peak=1e-4, use_slorb=args.slorb,
                            # SparseGPT's update already compensates the pruned weights: a mean init would double-count
                            slorb_init="zero" if args.oneshot == "sparsegpt" else "mean")
-    student = ast_student(dense, pruned, masks, ast_config)
+    student = ast_student(dense, pruned, masks, ast_config, pruned_init=args.pruned_init)
     use_bf16 = _use_bf16(args.precision, device)
     del pruned
     training_args = ASTTrainingArguments(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from conftest import tiny_model
 from tiny_chat_tokenizer import tiny_chat_model, tiny_chat_tokenizer
@@ -43,12 +44,13 @@ def test_heldout_stream_takes_every_document():
     assert text.count("a") == text.count("b") == text.count("c") == 10
 
 
-def test_ast_student_starts_at_the_oneshot_model():
+@pytest.mark.parametrize("pruned_init", ["oneshot", "dense"])
+def test_ast_student_starts_at_the_oneshot_model(pruned_init):
     dense = tiny_model("llama")
     pruned = copy.deepcopy(dense)
     calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     masks = prune_oneshot(pruned, "sparsegpt", calib, progress=False)
-    student = ast_student(dense, pruned, masks, ASTConfig(mask_score="activation")).eval()
+    student = ast_student(dense, pruned, masks, ASTConfig(mask_score="activation"), pruned_init=pruned_init).eval()
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(student(ids).logits, pruned(ids).logits, atol=1e-5)
@@ -58,7 +60,10 @@ def test_ast_student_starts_at_the_oneshot_model():
     for name, layer in find_ast_model(student)[0].ast_layers():
         w, mask = layer.get_base_layer().weight, layer.ast_initial_mask["default"]
         assert torch.equal(mask, masks[name]) and torch.equal(layer.ast_mask["default"], masks[name])
-        assert torch.equal(w[~mask], dense_w[name].weight[~mask])  # pruned weights keep their dense values
+        expected = dense_w[name].weight[~mask] if pruned_init == "dense" else torch.zeros_like(w[~mask])
+        assert torch.equal(w[~mask], expected)  # pruned weights: the one-shot model's zeros, or their dense values
+    with pytest.raises(ValueError, match="pruned_init"):
+        ast_student(dense, pruned, masks, ASTConfig(), pruned_init="random")
 
 
 def test_demo_end_to_end_on_a_tiny_local_model(tmp_path, capsys):
