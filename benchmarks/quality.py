@@ -126,6 +126,8 @@ def main() -> int:
     reference = reference_logprobs(dense, eval_ids, max_length=args.seq_len, stride=args.seq_len, device=args.device)
     train_texts = shakespeare("train")
     rows = [measure("dense", dense, tok, eval_ids, reference, args)]
+    rows[0]["curve_slice_perplexity"] = evaluate_lm(dense, curve_ids, max_length=args.seq_len, stride=args.seq_len,
+                                                    device=args.device, progress=False)["perplexity"]
 
     calib_ids = tokenize_texts(tok, train_texts[:2])
     calibration = calib_ids[: args.calibration_samples * args.seq_len].view(args.calibration_samples, args.seq_len)
@@ -181,10 +183,11 @@ def main() -> int:
         chat = f"{r['chat_accuracy']:.0%}" if "chat_accuracy" in r else "-"
         print(f"| {r['method']} | {r['perplexity']:.2f} | {r['ratio_to_dense']:.2f} | {r['kl_to_dense']:.3f} | "
               f"{chat} | {r.get('train_tokens', 0):,} |")
+    curve_dense = rows[0]["curve_slice_perplexity"]
     for r in rows:
         if r.get("curve"):
-            print(f"curve {r['method']}: " + ", ".join(f"{c['tokens']:,} tok -> {c['perplexity'] / dense_ppl:.2f}x"
-                                                     for c in r["curve"]))
+            print(f"curve {r['method']} (x dense on the curve slice, {curve_dense:.2f}): " + ", ".join(
+                f"{c['tokens']:,} tok -> {c['perplexity'] / curve_dense:.2f}x" for c in r["curve"]))
     print(f"wall {doc['wall_s'] / 60:.1f} min; wrote {out}")
     return 0
 
@@ -198,6 +201,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     dense = rows[0]["perplexity"]
+    curve_dense = rows[0].get("curve_slice_perplexity", dense)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     axes[0].barh([r["method"] for r in rows], [r["perplexity"] / dense for r in rows])
     axes[0].set_xscale("log")
@@ -206,7 +210,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     axes[0].legend()
     for r in rows:
         if r.get("curve"):
-            axes[1].plot([c["tokens"] for c in r["curve"]], [c["perplexity"] / dense for c in r["curve"]],
+            axes[1].plot([c["tokens"] for c in r["curve"]], [c["perplexity"] / curve_dense for c in r["curve"]],
                          marker="o", label=r["method"])
     axes[1].axhline(1.25, color="k", ls="--", lw=1)
     axes[1].set_xlabel("training tokens")
