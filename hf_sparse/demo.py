@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _budget(args: argparse.Namespace) -> Budget:
+    if not 0.0 <= args.chat_fraction <= 1.0:
+        raise SystemExit(f"hf-sparse demo: --chat-fraction must be in [0, 1], got {args.chat_fraction}")
     if args.smoke:
         return SMOKE
     return Budget(max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -108,7 +110,7 @@ def heldout_stream(tokenizer: Any, texts: list[str], n_tokens: int) -> torch.Ten
 
 def training_dataset(tokenizer: Any, texts: list[str], chat: list[str], budget: Budget, seed: int):
     """Blocks of ``seq_len`` tokens: a ``chat_fraction`` share packed from the teacher's chat conversations,
-    the rest from the training text. Exactly ``max_steps * batch_size`` blocks (one pass, no repeats of text)."""
+    the rest from the training text: ``max_steps * batch_size`` blocks when the text is long enough."""
     from torch.utils.data import ConcatDataset
 
     from .evaluate import tokenize_texts
@@ -124,11 +126,16 @@ def training_dataset(tokenizer: Any, texts: list[str], chat: list[str], budget: 
         need = n_chat * budget.seq_len
         ids = ids.repeat(-(-need // len(ids)))[:need]  # a small chat set repeats (epochs) to fill its share
         parts.append(TextBlocks(ids, budget.seq_len))
-    text_ids = tokenize_texts(tokenizer, texts)
     n_text = total - n_chat
-    starts = torch.randperm(max(1, len(text_ids) // budget.seq_len), generator=g)[:n_text]
-    text_blocks = torch.cat([text_ids[s * budget.seq_len:(s + 1) * budget.seq_len] for s in starts.tolist()])
-    parts.append(TextBlocks(text_blocks, budget.seq_len))
+    if n_text:
+        text_ids = tokenize_texts(tokenizer, texts)
+        available = len(text_ids) // budget.seq_len
+        if available < 1:
+            raise ValueError(f"training text has {len(text_ids)} tokens, less than one block of {budget.seq_len}")
+        # a text shorter than n_text blocks gives fewer blocks; the Trainer then runs more than one epoch
+        starts = torch.randperm(available, generator=g)[:n_text]
+        blocks = [text_ids[s * budget.seq_len:(s + 1) * budget.seq_len] for s in starts.tolist()]
+        parts.append(TextBlocks(torch.cat(blocks), budget.seq_len))
     return ConcatDataset(parts)
 
 

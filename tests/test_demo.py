@@ -86,3 +86,12 @@ def test_demo_end_to_end_on_a_tiny_local_model(tmp_path, capsys):
     packed = [m for m in reloaded.modules() if type(m).__name__ == "PackedNMLinear"]
     assert packed and all(hf_sparse.is_nm_sparse(m.weight) for m in packed)
     assert "| AST |" in capsys.readouterr().out
+
+
+def test_training_dataset_all_chat_or_all_text():
+    tok = tiny_chat_tokenizer()
+    chat = [tok.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False)]
+    only_chat = training_dataset(tok, [TEXT], chat, Budget(max_steps=3, batch_size=2, seq_len=16, chat_fraction=1.0), 0)
+    assert len(only_chat) == 6
+    with pytest.raises(ValueError, match="less than one block"):
+        training_dataset(tok, ["ab"], [], Budget(max_steps=3, batch_size=2, seq_len=16), 0)
