@@ -30,7 +30,8 @@ def _ast_model(seed=0):
     return peft.get_peft_model(tiny_model("llama", seed=seed), ASTConfig())
 
 
-def test_matches_reference_update_for_masked_and_plain_params():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_matches_reference_update_for_masked_and_plain_params(foreach):
     model = _ast_model()
     ast_model, _ = find_ast_model(model)
     name, layer = next(ast_model.ast_layers())
@@ -38,7 +39,9 @@ def test_matches_reference_update_for_masked_and_plain_params():
     mask = layer.ast_mask["default"]
     other = model.base_model.model.model.embed_tokens.weight
     lr, b1, b2, eps, wd, lam = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.3
-    opt = MaskedDecayAdamW([weight, other], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, model=model)
+    opt = MaskedDecayAdamW(
+        [weight, other], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, model=model, foreach=foreach
+    )
     assert opt.has_masks
     ref_w, ref_o = weight.detach().clone(), other.detach().clone()
     st_w = {"t": 0, "m": torch.zeros_like(ref_w), "v": torch.zeros_like(ref_w)}
@@ -58,13 +61,14 @@ def test_matches_reference_update_for_masked_and_plain_params():
     torch.testing.assert_close(opt.state[weight]["exp_avg"], st_w["m"], rtol=1e-5, atol=1e-7)
 
 
-def test_only_pruned_weights_decay():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_only_pruned_weights_decay(foreach):
     """Zero loss gradient, λ > 0: pruned weights shrink towards 0, kept weights do not move at all."""
     model = _ast_model()
     ast_model, _ = find_ast_model(model)
     targets = [(layer.get_base_layer().weight, layer.ast_mask["default"]) for _, layer in ast_model.ast_layers()]
     before = [w.detach().clone() for w, _ in targets]
-    opt = MaskedDecayAdamW([w for w, _ in targets], lr=1e-3, masked_decay=1e-2, model=model)
+    opt = MaskedDecayAdamW([w for w, _ in targets], lr=1e-3, masked_decay=1e-2, model=model, foreach=foreach)
     for _ in range(10):
         for w, _ in targets:
             w.grad = torch.zeros_like(w)

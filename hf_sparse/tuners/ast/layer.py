@@ -31,20 +31,33 @@ __all__ = [
 
 
 class _MaskedWeightSTE(torch.autograd.Function):
-    """Forward ``weight * mask``; backward hands the gradient of the effective weight to the dense weight."""
+    """Forward ``weight * mask`` (in ``dtype``); backward hands the effective weight's gradient to the dense weight."""
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: D401
-        return weight * mask
+    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: D401
+        ctx.weight_dtype = weight.dtype
+        if dtype == weight.dtype:
+            return weight * mask
+        # cast first, then mask in place: one pass over the fp32 weight instead of two (mixed precision)
+        return weight.to(dtype).mul_(mask)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad_output, None
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad_output.to(ctx.weight_dtype), None, None
 
 
-def masked_weight_ste(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``weight ⊙ mask`` whose gradient w.r.t. ``weight`` is the gradient w.r.t. the result (STE)."""
-    return _MaskedWeightSTE.apply(weight, mask)
+def masked_weight_ste(weight: torch.Tensor, mask: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``weight ⊙ mask`` (cast to ``dtype``) whose gradient w.r.t. ``weight`` is the gradient w.r.t. the result.
+
+    ``dtype`` defaults to the autocast dtype when autocast is on for the weight's device (what the matmul would cast
+    to anyway), else the weight's own dtype.
+    """
+    if dtype is None:
+        dtype = weight.dtype
+        device_type = weight.device.type
+        if weight.is_floating_point() and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+    return _MaskedWeightSTE.apply(weight, mask, dtype)
 
 
 def masked_decay_term(weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
@@ -72,12 +85,15 @@ class MaskUpdate:
 
 
 def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in_fan_out: bool):
+    if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
     if fan_in_fan_out:  # GPT-2 Conv1D: weight is [in, out]
-        out = x.reshape(-1, x.shape[-1]) @ weight.to(x.dtype)
+        out = x.reshape(-1, x.shape[-1]) @ weight
         if bias is not None:
             out = out + bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[1])
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return F.linear(x, weight, bias)
 
 
 class SparseLinear(nn.Module):
