@@ -69,6 +69,7 @@ def load(model: str | None, device: str):
 
 
 def run_one(kind: str, base, data, args, bf16: bool) -> dict:
+    """Train ``kind`` for warmup + steps; the timed step durations and the mask-recompute time."""
     common = dict(output_dir=os.path.join(args.work_dir, kind), per_device_train_batch_size=args.batch_size,
                   learning_rate=1e-5, max_steps=args.warmup + args.steps, logging_steps=10_000, save_strategy="no",
                   report_to=[], use_cpu=args.device == "cpu", seed=0, disable_tqdm=True, bf16=bf16,
@@ -86,14 +87,23 @@ def run_one(kind: str, base, data, args, bf16: bool) -> dict:
         trainer = ASTTrainer(model=model, args=targs, ast_config=cfg, train_dataset=data,
                              data_collator=default_data_collator, callbacks=[timer])
     trainer.train()
-    timed = timer.times[args.warmup:]
-    row = {"kind": kind, "step_s_median": statistics.median(timed), "step_s_mean": statistics.fmean(timed),
-           "steps_timed": len(timed)}
+    run = {"times": timer.times[args.warmup:]}
     if kind != "plain":
         cb = trainer.ast_callback
-        row["recomputes"] = cb.num_recomputes
-        row["recompute_s_each"] = cb.recompute_seconds / max(cb.num_recomputes, 1)
+        run["recomputes"], run["recompute_s"] = cb.num_recomputes, cb.recompute_seconds
     del trainer, model
+    return run
+
+
+def summarize(kind: str, runs: list[dict]) -> dict:
+    """Median over the timed steps of every repeat of one kind (repeats interleave kinds: drift hits all alike)."""
+    timed = [t for r in runs for t in r["times"]]
+    row = {"kind": kind, "step_s_median": statistics.median(timed), "step_s_mean": statistics.fmean(timed),
+           "steps_timed": len(timed), "repeats": len(runs)}
+    if kind != "plain":
+        recomputes = sum(r["recomputes"] for r in runs)
+        row["recomputes"] = recomputes
+        row["recompute_s_each"] = sum(r["recompute_s"] for r in runs) / max(recomputes, 1)
     return row
 
 
@@ -104,6 +114,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="run the three rows this many times, interleaved")
     p.add_argument("--interval", type=int, default=10, help="mask recompute interval Δt")
     p.add_argument("--mask-score", default="activation", choices=["activation", "magnitude"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -118,7 +129,12 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     n = (args.warmup + args.steps) * args.batch_size
     data = TextBlocks(torch.randint(0, vocab, (n * args.seq_len,), generator=g), args.seq_len)
-    rows = [run_one(kind, base, data, args, bf16) for kind in ("plain", "ast_no_kd", "ast_full")]
+    kinds = ("plain", "ast_no_kd", "ast_full")
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            runs[kind].append(run_one(kind, base, data, args, bf16))
+    rows = [summarize(kind, runs[kind]) for kind in kinds]
     plain = rows[0]["step_s_median"]
     for r in rows:
         r["x_plain"] = r["step_s_median"] / plain
@@ -126,7 +142,7 @@ def main() -> int:
             r["recompute_share"] = r["recompute_s_each"] / (args.interval * r["step_s_median"])
     doc = {"model": args.model or "SmolLM2-135M-Instruct (bundled)", "device": args.device,
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "bf16": bf16,
-           "batch": f"{args.batch_size} x {args.seq_len}", "interval": args.interval, "mask_score": args.mask_score,
+           "batch": f"{args.batch_size} x {args.seq_len}", "repeats": args.repeats, "interval": args.interval, "mask_score": args.mask_score,
            "rows": rows, "targets": {"ast_full_x_plain_max": 1.4, "recompute_share_max": 0.02}}
     write_json_atomic(doc, args.out)
     print(f"\n{doc['model']} on {args.device} ({doc['threads']} threads, bf16={bf16}), batch {doc['batch']}, "

@@ -101,3 +101,13 @@ def test_masked_weight_is_cast_once_under_autocast_and_gradient_stays_fp32(input
     out.float().sum().backward()
     assert weight.grad.dtype == torch.float32
     assert weight.grad[~mask].abs().sum() > 0  # STE: pruned weights still get gradient
+
+
+def test_fused_loss_backward_twice_with_retained_graph():
+    student, teacher, labels = _case()
+    parts = distillation_loss_sums(student, labels, teacher, alpha=0.67, temperature=2.0)
+    (parts.total * 2.0).backward(retain_graph=True)
+    first = student.grad.clone()
+    student.grad = None
+    (parts.total * 0.5).backward()
+    torch.testing.assert_close(student.grad, first / 4)

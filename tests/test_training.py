@@ -246,3 +246,30 @@ def test_push_to_hub_card_is_ours(tmp_path):
     trainer.create_model_card(model_name="tiny-ast")
     text = (out / "README.md").read_text()
     assert "int4" in text and "2:4" in text
+
+
+def test_activation_norms_accumulate_exactly_with_shared_inputs(tmp_path, input_ids):
+    """q/k/v share one input tensor (reduced once): every layer still gets its own exact Σx² over all forwards."""
+    import peft
+    from transformers import TrainerControl, TrainerState
+
+    model = peft.get_peft_model(tiny_model("llama"), ASTConfig(mask_score="activation"))
+    ast_model, _ = find_ast_model(model)
+    callback = ASTMaskCallback()
+    callback.on_train_begin(ast_args(tmp_path), TrainerState(max_steps=10), TrainerControl(), model=model, optimizer=None)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in ast_model.ast_layers():
+        def record(module, inputs, name=name):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            seen[name] = seen.get(name, 0) + x.pow(2).sum(0)
+        handles.append(layer.register_forward_pre_hook(record))
+    model.train()
+    model(input_ids)
+    model(input_ids.flip(0))
+    for h in handles:
+        h.remove()
+    assert set(callback._input_sq) == set(seen) and len(seen) >= 7
+    for name, expected in seen.items():
+        torch.testing.assert_close(callback._input_sq[name], expected, rtol=1e-6, atol=1e-6)
+    callback.on_train_end(None, TrainerState(), TrainerControl())

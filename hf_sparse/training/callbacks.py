@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections import defaultdict
 from typing import Any, Optional
 
@@ -99,6 +100,7 @@ class ASTMaskCallback(TrainerCallback):
         self.recompute_seconds = 0.0
         self._input_sq: dict[str, torch.Tensor] = {}
         self._hooks: list[Any] = []
+        self._last_input: Optional[tuple[weakref.ref, torch.Tensor]] = None
         self._uses_optimizer_decay = False
 
     # ---- setup ----
@@ -125,16 +127,25 @@ class ASTMaskCallback(TrainerCallback):
             def hook(module: nn.Module, inputs: tuple, name: str = name) -> None:
                 if not module.training or not torch.is_grad_enabled():
                     return
-                x = inputs[0].detach()
-                sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+                sq = self._input_sq_of(inputs[0])
                 prev = self._input_sq.get(name)
                 if prev is None:
-                    self._input_sq[name] = sq
+                    self._input_sq[name] = sq.clone()
                 elif ema is None:
                     prev.add_(sq)
                 else:
                     prev.mul_(ema).add_(sq, alpha=1 - ema)
             self._hooks.append(layer.register_forward_pre_hook(hook))
+
+    def _input_sq_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ x² per input channel; q/k/v (and gate/up) see the same tensor: reduce it once, not per layer."""
+        last = self._last_input
+        if last is not None and last[0]() is x:
+            return last[1]
+        flat = x.detach().reshape(-1, x.shape[-1])
+        sq = flat.float().pow(2).sum(0)
+        self._last_input = (weakref.ref(x), sq)
+        return sq
 
     # ---- λ(t): before the optimizer step ----
     def on_pre_optimizer_step(self, args, state, control, **kwargs: Any):

@@ -124,14 +124,20 @@ class _FusedDistillLoss(torch.autograd.Function):
             if g is not None:
                 grad.index_copy_(0, idx, g.to(grad.dtype))
         total = alpha * kl_sum + (1.0 - alpha) * ce_sum
-        ctx.save_for_backward(grad if needs_grad else None)
+        ctx.grad = grad  # an intermediate, not an input/output: kept on ctx (scaled in place in backward)
         ctx.mark_non_differentiable(ce_sum, kl_sum)
         return total, ce_sum, kl_sum
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor, _grad_ce: Any, _grad_kl: Any):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None, None
+        grad = ctx.grad
+        # scale in place: a second full-vocabulary buffer costs more than the math (fresh pages every step);
+        # a retained graph's repeated backward rescales from the previous factor
+        scale = grad_total.to(grad.dtype)
+        previous = getattr(ctx, "applied_scale", None)
+        grad.mul_(scale if previous is None else scale / previous)
+        ctx.applied_scale = scale
+        return grad, None, None, None, None, None
 
 
 def reference_distillation_loss_sums(

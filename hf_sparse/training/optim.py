@@ -63,6 +63,7 @@ class MaskedDecayAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, masked_decay=masked_decay)
         super().__init__(params, defaults)
         self.foreach = foreach
+        self._scratch_buffers: dict[tuple, torch.Tensor] = {}
         self._mask_of: dict[torch.Tensor, Callable[[], torch.Tensor]] = {}
         if model is not None:
             self.attach_masks(model)
@@ -131,19 +132,32 @@ class MaskedDecayAdamW(torch.optim.Optimizer):
         return exp_avg.clone().addcmul_(p, ~mask_fn(), value=lam) if lam else exp_avg
 
     def _single_tensor_update(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
-        """One parameter at a time: temporaries are freed before the next one (CPU: no fresh pages per step)."""
+        """One parameter at a time into two reused scratch buffers: no fresh allocations (page faults) per step."""
         beta1, beta2 = group["betas"]
         lr, eps, wd, lam = group["lr"], group["eps"], group["weight_decay"], group.get("masked_decay", 0.0)
         for p, g, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
             if wd:
                 p.mul_(1 - lr * wd)
             exp_avg.lerp_(g, 1 - beta1)
-            u = self._masked_update(p, exp_avg, lam)
-            second = g if u is None else u  # Adam tracks g²; masked weights track u² (the paper)
-            u = exp_avg if u is None else u
+            mask_fn = self._mask_of.get(p)
+            if mask_fn is None:  # plain AdamW: the second moment tracks g²
+                u, second = exp_avg, g
+            elif lam:  # u = m + λ·(¬M ⊙ W) in one fused pass
+                u = second = torch.addcmul(exp_avg, p, ~mask_fn(), value=lam, out=self._scratch(p, 0))
+            else:
+                u = second = exp_avg
             exp_avg_sq.mul_(beta2).addcmul_(second, second, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            denom = torch.sqrt(exp_avg_sq, out=self._scratch(p, 1)).div_(math.sqrt(1 - beta2**step)).add_(eps)
             p.addcdiv_(u, denom, value=-lr / (1 - beta1**step))
+
+    def _scratch(self, like: torch.Tensor, slot: int) -> torch.Tensor:
+        """A reused buffer shaped like ``like`` (not optimizer state: never saved)."""
+        key = (slot, like.device, like.dtype)
+        buffers = self._scratch_buffers
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = buffers[key] = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+        return buf[: like.numel()].view_as(like)
 
     def _foreach_update(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         """Multi-tensor kernels (CUDA): few launches; temporaries for the whole group live at once."""
