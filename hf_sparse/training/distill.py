@@ -66,10 +66,13 @@ def distillation_loss_sums(
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
     student_flat = student_logits.reshape(-1, vocab)
     teacher_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]) if use_teacher else None
+    # ctx.needs_input_grad is True even under no_grad (evaluation): decide here whether to form the gradient
+    form_grad = torch.is_grad_enabled() and student_logits.requires_grad
     total, ce, kl = _FusedDistillLoss.apply(
-        student_flat, teacher_flat, targets, rows, alpha if use_teacher else 0.0, float(temperature)
+        student_flat, teacher_flat, targets, rows, alpha if use_teacher else 0.0, float(temperature), form_grad
     )
-    return DistillLoss(total=total, ce=ce.detach(), kl=kl.detach(), num_tokens=torch.tensor(rows.numel(), device=student_logits.device))
+    num_tokens = torch.tensor(rows.numel(), device=student_logits.device)
+    return DistillLoss(total=total, ce=ce.detach(), kl=kl.detach(), num_tokens=num_tokens)
 
 
 class _FusedDistillLoss(torch.autograd.Function):
@@ -84,8 +87,9 @@ class _FusedDistillLoss(torch.autograd.Function):
         rows: torch.Tensor,
         alpha: float,
         temperature: float,
+        form_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        needs_grad = ctx.needs_input_grad[0]
+        needs_grad = form_grad and ctx.needs_input_grad[0]
         grad = None
         if needs_grad:  # rows outside ``rows`` (ignored labels, last position) get zero; the rest is written below
             grad = torch.empty_like(student)
@@ -137,7 +141,7 @@ class _FusedDistillLoss(torch.autograd.Function):
         previous = getattr(ctx, "applied_scale", None)
         grad.mul_(scale if previous is None else scale / previous)
         ctx.applied_scale = scale
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def reference_distillation_loss_sums(
