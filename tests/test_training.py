@@ -273,3 +273,19 @@ def test_activation_norms_accumulate_exactly_with_shared_inputs(tmp_path, input_
     for name, expected in seen.items():
         torch.testing.assert_close(callback._input_sq[name], expected, rtol=1e-6, atol=1e-6)
     callback.on_train_end(None, TrainerState(), TrainerControl())
+
+
+def test_teacher_logits_ignore_an_all_ones_mask_but_honour_padding(tmp_path, input_ids):
+    """The teacher skips an all-ones attention mask (causal fast path); a real padding mask still reaches it."""
+    trainer = ASTTrainer(model=tiny_model("llama"), args=ast_args(tmp_path, max_steps=1))
+    teacher = trainer.teacher_model
+    ones = torch.ones_like(input_ids)
+    with torch.no_grad():
+        expected = teacher(input_ids=input_ids, attention_mask=ones).logits
+        padded_mask = ones.clone()
+        padded_mask[0, :3] = 0  # left padding
+        expected_padded = teacher(input_ids=input_ids, attention_mask=padded_mask).logits
+    torch.testing.assert_close(trainer._teacher_logits({"input_ids": input_ids, "attention_mask": ones}), expected)
+    got = trainer._teacher_logits({"input_ids": input_ids, "attention_mask": padded_mask})
+    torch.testing.assert_close(got, expected_padded)
+    assert not torch.allclose(got[0, 3:], expected[0, 3:])  # the padding mask did change the teacher's view

@@ -194,6 +194,10 @@ class ASTTrainer(Trainer):
         teacher = self.teacher_model
         device = next(teacher.parameters()).device
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in model_inputs.items()}
+        mask = moved.get("attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 2 and bool(mask.all()):
+            # no padding: same logits, and the model takes its causal fast path (bf16: 0.15 s of a 1.0 s forward)
+            moved.pop("attention_mask")
         return teacher(**moved).logits
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
