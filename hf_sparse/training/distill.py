@@ -139,6 +139,11 @@ class _FusedDistillLoss(torch.autograd.Function):
         # a retained graph's repeated backward rescales from the previous factor
         scale = grad_total.to(grad.dtype)
         previous = getattr(ctx, "applied_scale", None)
+        if previous is not None and not bool(previous != 0):
+            raise RuntimeError(
+                "distillation loss: backward through a retained graph after a first backward scaled by 0; "
+                "the fused gradient was zeroed in place. Recompute the loss instead of retaining the graph."
+            )
         grad.mul_(scale if previous is None else scale / previous)
         ctx.applied_scale = scale
         return grad, None, None, None, None, None, None
