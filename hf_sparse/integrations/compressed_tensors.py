@@ -18,9 +18,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..export.api import dense_state_dict, pack_sources, prepare_export
+from ..atomic import atomic_directory, check_output_directory
+from ..export.api import dense_state_dict, pack_sources, prepare_export, source_paths
 from ..export.format import NMSpec
-from ..export.writer import atomic_directory, write_shards
+from ..export.writer import write_shards
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,16 @@ def export_compressed_tensors(
     targets: Optional[list[str]] = None,
     dtype: Optional[torch.dtype] = None,
     card: Optional[dict[str, Any]] = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a compressed-tensors (``bits`` 8/4) or dense (``bits`` 16) checkpoint of the N:M model."""
+    """Write a compressed-tensors (``bits`` 8/4) or dense (``bits`` 16) checkpoint of the N:M model.
+
+    An existing ``out_dir`` is treated as by :func:`hf_sparse.export` (``overwrite`` included).
+    """
     prep = prepare_export(model, n, m, bits, group_size, symmetric, targets, dtype)
     inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
+    local_sources = source_paths(model, inner)
+    check_output_directory(Path(out_dir).resolve(), overwrite, local_sources)
     if spec.slorb is not None:
         raise ValueError(
             "--format compressed-tensors cannot carry SLoRB branches (no such layer in compressed-tensors/vLLM); "
@@ -107,7 +114,7 @@ def export_compressed_tensors(
     if bits < 16:
         _require_compressed_tensors()
         state, compressor = _compress(state, spec, sources, packed, model_dtype)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, sources=local_sources, writer="hf_sparse.compressed_tensors") as tmp:
         write_shards(state, tmp)
         config.save_pretrained(tmp)
         if compressor is not None:

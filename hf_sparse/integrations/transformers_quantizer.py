@@ -4,13 +4,17 @@
 Before weights load (model on the meta device) the quantizer checks the checkpoint headers against the
 format (names, shapes, dtypes, version, checksums) and swaps every target for a :class:`PackedNMLinear`
 whose buffers have exactly the stored shapes, so the packed tensors load straight into them: no dense
-copy of the model is ever built. After loading it checks that the positions encode a valid N:M pattern.
+copy of the model is ever built. It refuses checkpoints that hold packed tensors for modules the config
+does not target, or that lack a tensor the model needs (transformers would silently initialise it at
+random). After loading it checks that the positions encode a valid N:M pattern and that every loaded
+floating tensor is finite (one tensor at a time).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Optional
 
 import torch
@@ -20,8 +24,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..export.format import (
+    CHECKSUM_KEY,
     POSITIONS,
     QUANT_METHOD,
+    SLORB_S,
+    SLORB_X,
     VALUES,
     FormatError,
     NMSpec,
@@ -112,7 +119,152 @@ def _read_headers(checkpoint_files: list[str], verify: bool) -> dict[str, tuple[
             raise FormatError(
                 f"hf_sparse: checksum mismatch in {file}: the tensor data is corrupted; re-download or re-export it."
             )
+        if ok is None and verify:
+            logger.warning(
+                "hf_sparse: %s carries no checksum (%r missing from its safetensors metadata), so corruption in it "
+                "cannot be detected; re-export it with hf_sparse.export to add one.", file, CHECKSUM_KEY,
+            )
     return header
+
+
+def _is_packed_key(key: str) -> bool:
+    """A tensor only a PackedNMLinear holds: ``<module>.nm_*`` or its SLoRB branch ``<module>.slorb.S/X``."""
+    return key.rpartition(".")[2].startswith("nm_") or key.endswith(("." + SLORB_S, "." + SLORB_X))
+
+
+def _packed_module(key: str) -> str:
+    for suffix in (SLORB_S, SLORB_X):
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1]
+    return key.rpartition(".")[0]
+
+
+def check_stray_packed_tensors(targets: list[str], header_keys) -> None:
+    """Refuse packed tensors of modules that ``quantization_config.targets`` does not list.
+
+    Otherwise transformers drops them as "unexpected" and the module loads as a randomly initialised Linear.
+    """
+    target_set = set(targets)
+    stray = sorted(k for k in header_keys if _is_packed_key(k) and _packed_module(k) not in target_set)
+    if stray:
+        modules = sorted({_packed_module(k) for k in stray})
+        raise FormatError(
+            f"hf_sparse: the checkpoint holds packed N:M tensors for {len(modules)} module(s) that "
+            f"quantization_config.targets does not list: {_short_list(stray)}. They would be ignored and "
+            f"{_short_list(modules)} loaded with random weights: corrupted checkpoint or edited config.json "
+            f"(add the modules to `targets` or re-export the model)."
+        )
+
+
+def _short_list(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _loaded_keys(model: nn.Module, header_keys, hf_quantizer: Any) -> set[str]:
+    """The model keys the checkpoint's keys load into (transformers' renamings, converters and prefix rules)."""
+    meta_state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model, None, hf_quantizer)
+        renamings = [e for e in mapping if isinstance(e, WeightRenaming)]
+        converters = [e for e in mapping if isinstance(e, WeightConverter)]
+    except Exception:  # older/newer transformers: fall back to names as stored (+ the base-model prefix rule)
+        rename_source_key, renamings, converters = None, [], []
+    loaded = set()
+    for key in header_keys:
+        renamed = key
+        if rename_source_key is not None:
+            try:
+                renamed, _ = rename_source_key(key, renamings, converters, prefix, meta_state)
+                if renamed not in meta_state and key in meta_state:
+                    renamed = key
+            except Exception:
+                renamed = key
+        elif prefix and renamed not in meta_state:
+            if renamed.startswith(prefix + ".") and renamed[len(prefix) + 1 :] in meta_state:
+                renamed = renamed[len(prefix) + 1 :]
+            elif f"{prefix}.{renamed}" in meta_state:
+                renamed = f"{prefix}.{renamed}"
+        loaded.add(renamed)
+    return loaded
+
+
+def _tied_groups(model: nn.Module) -> list[set[str]]:
+    """Sets of keys tied together (transformers ties symmetrically: any one present in the checkpoint is enough)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        tied = {}
+    groups: dict[str, set[str]] = {}
+    for target, source in tied.items():
+        group = groups.get(source, {source}) | groups.get(target, {target})
+        for key in group:
+            groups[key] = group
+    unique: list[set[str]] = []
+    for group in groups.values():
+        if not any(group is g for g in unique):
+            unique.append(group)
+    return unique
+
+
+def check_missing_tensors(model: nn.Module, header_keys, hf_quantizer: Any = None) -> None:
+    """Refuse a checkpoint that lacks a tensor the model needs (after targets were swapped for PackedNMLinear).
+
+    Tied weights count as present when any key of their tie group is stored; non-persistent buffers (rotary
+    ``inv_freq`` ...) are not in ``state_dict`` and are not expected; neither are the model's
+    ``_keys_to_ignore_on_load_missing`` patterns.
+    """
+    expected = set(model.state_dict().keys())
+    non_persistent = getattr(model, "named_non_persistent_buffers", None)
+    if callable(non_persistent):
+        expected -= {k for k, _ in non_persistent()}
+    loaded = _loaded_keys(model, header_keys, hf_quantizer)
+    missing = expected - loaded
+    for group in _tied_groups(model):
+        if group & missing and group & loaded:
+            missing -= group
+    patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
+    if patterns and missing:
+        regex = re.compile("|".join(f"({p})" for p in patterns))
+        missing = {k for k in missing if regex.search(k) is None}
+    if missing:
+        names = sorted(missing)
+        raise FormatError(
+            f"hf_sparse: the checkpoint lacks {len(names)} tensor(s) the model needs: {_short_list(names)}. "
+            f"They would load randomly initialised: corrupted or incomplete checkpoint (a shard missing or "
+            f"edited?); re-download or re-export it."
+        )
+
+
+_FINITE_CHUNK = 1 << 24  # elements per isfinite() call: bounds the bool temporary for huge embeddings
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dim() == 0 or t.numel() <= _FINITE_CHUNK:
+        return bool(torch.isfinite(t).all())
+    rows = max(1, _FINITE_CHUNK // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(chunk).all()) for chunk in t.split(rows, dim=0))
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise naming the first loaded floating tensor (parameter or persistent buffer) holding NaN/inf."""
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        tensors = list(module._parameters.items()) + [
+            (k, v) for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set
+        ]
+        for tname, t in tensors:
+            if t is None or id(t) in seen or not t.is_floating_point() or t.device.type == "meta":
+                continue
+            seen.add(id(t))
+            if not _all_finite(t.detach()):
+                key = f"{mod_name}.{tname}" if mod_name else tname
+                raise FormatError(f"{key} holds NaN/inf values: corrupted checkpoint; re-download or re-export it.")
 
 
 _ST_DTYPES = {
@@ -181,6 +333,9 @@ class HfSparseQuantizer(HfQuantizer):
             packed = PackedNMLinear(in_f, out_f, spec, bias=has_bias, device="meta", dtype=dtype, module_name=name)
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, packed)
+        if header is not None:
+            check_stray_packed_tensors(spec.targets, header.keys())
+            check_missing_tensors(model, header.keys(), self)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -196,8 +351,7 @@ class HfSparseQuantizer(HfQuantizer):
                     f"{name}.{POSITIONS} does not encode a valid {spec.n}:{spec.m} pattern (positions must be strictly "
                     f"increasing and < {spec.m} in every group): corrupted checkpoint"
                 )
-            if spec.bits == 16 and not torch.isfinite(getattr(module, VALUES)).all():
-                raise FormatError(f"{name}.{VALUES} holds NaN/inf values: corrupted checkpoint")
+        check_finite(model)  # nm_values (bits=16), nm_scales/nm_zeros, bias, SLoRB and every dense tensor
         return model
 
     def _dequantize(self, model, dtype=None):

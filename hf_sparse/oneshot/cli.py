@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -18,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="hub id, local directory, or .gguf file (default: the bundled model)"
     )
-    parser.add_argument("--output-dir", required=True, help="where the pruned model is saved (written atomically)")
+    parser.add_argument("--output-dir", required=True, help="where the pruned model is saved (written atomically; an "
+                        "existing directory is replaced only if empty or a previous hf_sparse output, see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output-dir even if it holds other files (never the model or the current directory)")
     parser.add_argument(
         "--calibration-file", default=None, help="UTF-8 text file (default: the bundled Shakespeare train split)"
     )
@@ -84,10 +88,16 @@ def _calibration(args: argparse.Namespace, tokenizer: Any) -> Optional[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export.writer import atomic_directory
+    from ..atomic import OutputDirectoryError, atomic_directory, check_output_directory
     from ..sparsity.nm import input_dim_of, nm_violations
     from .api import prune_oneshot, select_targets
     from .calibration import as_batches
+
+    sources = [args.model] if args.model and os.path.exists(args.model) else []  # a local dir or .gguf: never replaced
+    try:  # refuse before loading and pruning
+        check_output_directory(Path(args.output_dir).resolve(), args.overwrite, sources, argument="--output-dir")
+    except OutputDirectoryError as err:
+        raise SystemExit(f"hf-sparse prune: {err}") from None
 
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         "calibration_sequences": 0 if ids is None else sum(int(b.shape[0]) for b in as_batches(ids, 1 << 30)),
         "seconds": round(seconds, 2),
     }
-    with atomic_directory(args.output_dir) as tmp:
+    with atomic_directory(args.output_dir, overwrite=args.overwrite, sources=sources, writer="hf_sparse.prune",
+                          argument="--output-dir") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -33,6 +33,8 @@ class HfSparseExportCommand(BaseOptimumCLICommand):
                             help="how to make non-sparse targets N:M ('none': fail if a target is not N:M)")
         parser.add_argument("--targets", nargs="*", default=None, help="target module regexes (default: decoder linears)")
         parser.add_argument("--exclude", nargs="*", default=None, help="module regexes kept dense")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace OUTPUT even if it holds other files (never the model or the current directory)")
 
     def run(self) -> None:
         from .quantizer import HfSparseQuantizer
@@ -43,6 +45,6 @@ class HfSparseExportCommand(BaseOptimumCLICommand):
         )
         out = quantizer.quantize(
             a.output, bits=a.bits, group_size=a.group_size or None, symmetric=not a.asymmetric, method=a.method,
-            prune=a.prune,
+            prune=a.prune, overwrite=a.overwrite,
         )
         print(f"hf_sparse export written to {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -92,8 +93,19 @@ class ASTConfig(PeftConfig):
             raise ValueError(
                 f"ASTConfig: argument `activation_norm_ema` must be None or in (0, 1), got {self.activation_norm_ema}"
             )
-        if self.masked_decay_peak < 0:
-            raise ValueError(f"ASTConfig: argument `masked_decay_peak` must be >= 0, got {self.masked_decay_peak}")
+        if not math.isfinite(self.masked_decay_peak) or self.masked_decay_peak < 0:
+            raise ValueError(
+                f"ASTConfig: argument `masked_decay_peak` must be a finite number >= 0, got {self.masked_decay_peak}"
+            )
+        for name in ("masked_decay_ramp_steps", "mask_update_stop"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"ASTConfig: argument `{name}` must be None or an integer >= 0, got {value!r}")
+        from ...oneshot.registry import PRUNERS  # the one-shot pruner registry (users may register their own)
+
+        known_inits = sorted({"magnitude", "wanda", "sparsegpt", *PRUNERS})
+        if self.mask_init not in known_inits:
+            raise ValueError(f"ASTConfig: argument `mask_init` must be one of {known_inits}, got {self.mask_init!r}")
         if self.mask_score not in ("magnitude", "activation"):
             raise ValueError(f"ASTConfig: argument `mask_score` must be 'magnitude' or 'activation', got {self.mask_score!r}")
         if isinstance(self.trainable_non_target, str) and self.trainable_non_target not in ("all", "none"):
