@@ -288,7 +288,7 @@ def bench_end_to_end(args, device) -> list[dict]:
 
 def export_model(model, out_dir: Path, bits: int, group_size: int) -> None:
     """Write ``model`` (already 2:4) with hf_sparse's exporter (the same code `hf-sparse export` runs)."""
-    from hf_sparse.export import export
+    from hf_sparse import export
 
     export(model, out_dir, bits=bits, group_size=group_size)
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_sparse  # noqa: E402
 from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments  # noqa: E402
-from hf_sparse.export.writer import write_json_atomic  # noqa: E402
+from hf_sparse.atomic import atomic_write_json as write_json_atomic  # noqa: E402
 from hf_sparse.assets import load_model_and_tokenizer, shakespeare  # noqa: E402
 from hf_sparse.chat_eval import chat_accuracy, load_questions, teacher_chat_conversations  # noqa: E402
 from hf_sparse.demo import Budget, _use_bf16, ast_student, heldout_stream, training_dataset  # noqa: E402

@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments  # noqa: E402
-from hf_sparse.export.writer import write_json_atomic  # noqa: E402
+from hf_sparse.atomic import atomic_write_json as write_json_atomic  # noqa: E402
 from hf_sparse.training.data import TextBlocks  # noqa: E402
 
 

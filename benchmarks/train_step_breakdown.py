@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_overhead import load  # noqa: E402
 
 from hf_sparse import ASTConfig  # noqa: E402
-from hf_sparse.export.writer import write_json_atomic  # noqa: E402
+from hf_sparse.atomic import atomic_write_json as write_json_atomic  # noqa: E402
 from hf_sparse.training.distill import distillation_loss_sums  # noqa: E402
 from hf_sparse.training.optim import MaskedDecayAdamW  # noqa: E402
 from hf_sparse.training.trainer import frozen_teacher, prepare_ast_model  # noqa: E402

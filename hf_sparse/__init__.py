@@ -6,7 +6,7 @@
 from .sparsity import is_nm_sparse, nm_mask
 from .tuners.ast import ASTConfig, ASTModel, register_ast_with_peft
 from .tuners.masked_lora_merge import merge_lora_keep_mask
-from .export import export, fake_quantize
+from .exporters import export, fake_quantize
 from .integrations.transformers_quantizer import register_with_transformers
 
 register_ast_with_peft()

@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_sparse.assets import load_model_and_tokenizer
     from hf_sparse.chat_eval import teacher_chat_conversations, teacher_chat_texts
     from hf_sparse.evaluate import reference_logprobs, tokenize_texts
-    from hf_sparse.export.writer import write_json_atomic
+    from hf_sparse.atomic import atomic_write_json as write_json_atomic
     from hf_sparse.oneshot import prune_oneshot
 
     start = time.time()
@@ -354,7 +354,7 @@ def _use_bf16(precision: str, device: str) -> bool:
 
 
 def _sparse_modules(model) -> list:
-    from .kernels.packed_linear import PackedNMLinear
+    from .modules import PackedNMLinear
 
     found = [m for m in model.modules() if isinstance(m, PackedNMLinear)]
     if not found:

@@ -14,7 +14,8 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_sparse
 from hf_sparse import ASTConfig, is_nm_sparse
-from hf_sparse.tuners.ast import ASTLayer, SparseLinear
+from hf_sparse.modules import SparseLinear
+from hf_sparse.tuners.ast import ASTLayer
 
 
 def ast_layers(model):

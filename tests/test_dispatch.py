@@ -148,7 +148,7 @@ def _export_tiny(tmp_path, bits: int, group_size: int = 32):
 def _load(path):
     from transformers import AutoModelForCausalLM
 
-    from hf_sparse.kernels import PackedNMLinear
+    from hf_sparse.modules import PackedNMLinear
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedNMLinear)}

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 import hf_sparse
 from hf_sparse import ASTConfig, is_nm_sparse
-from hf_sparse.export.format import FORMAT_VERSION, NMSpec, unpack_weight
-from hf_sparse.export.quantize import pack_gptq, pack_rtn
-from hf_sparse.kernels import PackedNMLinear
+from hf_sparse.format import FORMAT_VERSION, NMSpec, unpack_weight
+from hf_sparse.quantization import pack_gptq, pack_rtn
+from hf_sparse.modules import PackedNMLinear
 from hf_sparse.sparsity import nm_mask
 from hf_sparse.tuners.ast import ASTLayer
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_sparse
 from hf_sparse.cli import main
-from hf_sparse.export.format import NMSpec
+from hf_sparse.format import NMSpec
 from hf_sparse.integrations.hub import render_model_card, upload_file_set
 
 CARD = {

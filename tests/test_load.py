@@ -14,9 +14,9 @@ from test_export import ast_model, rel_err
 from transformers import AutoModelForCausalLM
 
 import hf_sparse
-from hf_sparse.export.format import FormatError
-from hf_sparse.export.writer import tensor_checksum
-from hf_sparse.kernels import PackedNMLinear
+from hf_sparse.format import FormatError
+from hf_sparse.exporters.writer import tensor_checksum
+from hf_sparse.modules import PackedNMLinear
 
 Q = "model.layers.0.self_attn.q_proj"
 

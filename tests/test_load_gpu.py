@@ -8,9 +8,10 @@ from test_export import ast_model, rel_err
 from transformers import AutoModelForCausalLM
 
 import hf_sparse
-from hf_sparse.export.format import NMSpec
-from hf_sparse.export.quantize import pack_rtn
-from hf_sparse.kernels import PackedNMLinear, dispatch
+from hf_sparse.format import NMSpec
+from hf_sparse.quantization import pack_rtn
+from hf_sparse.kernels import dispatch
+from hf_sparse.modules import PackedNMLinear
 from hf_sparse.sparsity import nm_mask
 
 pytestmark = pytest.mark.gpu

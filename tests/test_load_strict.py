@@ -15,7 +15,7 @@ from test_load import copy_export, rewrite_tensors
 from transformers import AutoModelForCausalLM
 
 import hf_sparse
-from hf_sparse.export.format import FormatError
+from hf_sparse.format import FormatError
 
 Q = "model.layers.0.self_attn.q_proj"
 LOGGER = "hf_sparse.integrations.transformers_quantizer"

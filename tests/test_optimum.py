@@ -14,7 +14,7 @@ from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoModelForCausalLM
 
 import hf_sparse
-from hf_sparse.kernels import PackedNMLinear
+from hf_sparse.modules import PackedNMLinear
 from hf_sparse.optimum import HfSparseQuantizer
 
 

@@ -183,7 +183,7 @@ _CHILD = textwrap.dedent(
     os.rename = rename
     if when == "while-writing":
         import importlib
-        api = importlib.import_module("hf_sparse.export.api")
+        api = importlib.import_module("hf_sparse.exporters.api")
         real_write = api.write_shards
         def write_shards(tensors, directory, **kw):
             real_write(tensors, directory, **kw)

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_directory, check_output_directory
-from ..export.api import dense_state_dict, pack_sources, prepare_export, source_paths
-from ..export.format import NMSpec
-from ..export.writer import write_shards
+from ..exporters.api import dense_state_dict, pack_sources, prepare_export, source_paths
+from ..format import NMSpec
+from ..exporters.writer import write_shards
 
 logger = logging.getLogger(__name__)
 

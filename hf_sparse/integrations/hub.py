@@ -16,7 +16,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import filter_repo_objects
 
-from ..export.format import NMSpec
+from ..format import NMSpec
 
 __all__ = [
     "TEMPLATE_PATH",

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..export.format import (
+from ..format import (
     CHECKSUM_KEY,
     POSITIONS,
     QUANT_METHOD,
@@ -35,7 +35,7 @@ from ..export.format import (
     expected_tensors,
     positions_valid,
 )
-from ..kernels.packed_linear import PackedNMLinear
+from ..modules import PackedNMLinear
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class HfSparseConfig(QuantizationConfigMixin):
 def _read_headers(checkpoint_files: list[str], verify: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     from safetensors import safe_open
 
-    from ..export.writer import verify_checksum
+    from ..exporters.writer import verify_checksum
 
     header: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for file in checkpoint_files:
@@ -356,7 +356,7 @@ class HfSparseQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: dense N:M ``nn.Linear`` layers (zeros stored), SLoRB kept as SparseLinear."""
-        from ..tuners.ast.layer import SparseLinear
+        from ..modules import SparseLinear
 
         for name, module in list(model.named_modules()):
             if not isinstance(module, PackedNMLinear):

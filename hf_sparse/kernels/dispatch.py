@@ -24,15 +24,30 @@ condition in :func:`candidate_paths`.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 from . import autotune
 
-if TYPE_CHECKING:
-    from .packed_linear import PackedNMLinear
+
+@runtime_checkable
+class PackedNMLinear(Protocol):
+    """What a path needs of a module (:class:`hf_sparse.modules.PackedNMLinear` is the implementation).
+
+    Kernels know this interface only, never the module class: the layer order is kernels below modules.
+    """
+
+    spec: Any  # hf_sparse.format.NMSpec
+    in_features: int
+    out_features: int
+    bias: Optional[torch.Tensor]
+    nm_values: torch.Tensor
+    nm_positions: torch.Tensor
+    _kernel_cache: dict
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor: ...
 
 __all__ = [
     "choose_path",
@@ -157,13 +172,11 @@ def tune_model(model: torch.nn.Module, m_values: tuple[int, ...] = (1, 16, 128, 
 
     Returns ``{module_name: {M: path}}``. Layers with equal shapes share one measurement through the cache.
     """
-    from .packed_linear import PackedNMLinear
-
     if dtype is None:  # activations run in the model's floating dtype
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
     chosen: dict[str, dict[int, str]] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, PackedNMLinear):
+        if not isinstance(module, PackedNMLinear):  # the protocol: any module with the packed tensors
             continue
         buf = getattr(module, "nm_values")
         act_dtype = dtype

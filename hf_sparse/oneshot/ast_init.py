@@ -89,7 +89,7 @@ def set_ast_masks(peft_model: nn.Module, masks: dict[str, torch.Tensor], source:
     With SLoRB and ``slorb_init="mean"``, S is re-initialised from the pruned weights under the new mask.
     """
     from ..sparsity.nm import nm_violations
-    from ..tuners.ast.slorb import slorb_mean_init
+    from ..modules import slorb_mean_init
 
     ast_model, config = _ast_model(peft_model)
     n, m = config.n, config.m

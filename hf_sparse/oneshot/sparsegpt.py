@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..linalg import damped_inverse_cholesky
 from .registry import OneShotPruner, register_pruner
 
 __all__ = ["SparseGPTPruner"]
@@ -45,24 +46,11 @@ class SparseGPTPruner(OneShotPruner):
         self.H.addmm_(rows.t(), rows)
 
     def _inverse_cholesky(self, H: torch.Tensor) -> torch.Tensor:
-        """Upper Cholesky factor of (H + damp·I)⁻¹; raises the damping if H is numerically not positive definite."""
-        diag = torch.arange(H.shape[0], device=H.device)
-        mean_diag = float(torch.mean(torch.diag(H)))
-        damp = self.percdamp * mean_diag if mean_diag > 0 else 1e-6
-        for _ in range(6):
-            Hd = H.clone()
-            Hd[diag, diag] += damp
-            L, info = torch.linalg.cholesky_ex(Hd)
-            if int(info) == 0:
-                Hinv = torch.cholesky_inverse(L)
-                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-                if int(info) == 0:
-                    return U
-            damp *= 10
-        raise RuntimeError(
-            f"{self.name}: SparseGPT Hessian is not positive definite even with damping {damp:.3g}; "
-            "use more calibration samples or method='wanda'"
-        )
+        """Upper Cholesky factor of (H + damp·I)⁻¹ (:func:`hf_sparse.linalg.damped_inverse_cholesky`)."""
+        try:
+            return damped_inverse_cholesky(H, self.percdamp, what=f"{self.name}: SparseGPT Hessian")
+        except RuntimeError as err:
+            raise RuntimeError(f"{err} or method='wanda'") from None
 
     @torch.no_grad()
     def prune(self) -> torch.Tensor:

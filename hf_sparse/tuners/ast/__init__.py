@@ -1,9 +1,9 @@
 """AST as a PEFT method: ``peft.get_peft_model(model, ASTConfig())`` after ``import hf_sparse``."""
 
 from .config import AST_PEFT_TYPE, ASTConfig
-from .layer import ASTLayer, MaskUpdate, SparseLinear, masked_decay_term, masked_weight_ste
+from ...modules import SLoRB, SparseLinear  # re-exported: they were defined here before hf_sparse.modules
+from .layer import ASTLayer, MaskUpdate, masked_decay_term, masked_weight_ste
 from .model import ASTModel, resolve_targets
-from .slorb import SLoRB
 
 
 def register_ast_with_peft() -> None:

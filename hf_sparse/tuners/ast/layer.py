@@ -19,12 +19,12 @@ from transformers.pytorch_utils import Conv1D
 
 from ...sparsity.nm import nm_mask, validate_nm
 from ...sparsity.scores import magnitude_score
-from .slorb import SLoRB, slorb_mean_init
+from ...modules.slorb import SLoRB, slorb_mean_init
+from ...modules.sparse_linear import SparseLinear, linear_forward
 
 __all__ = [
     "ASTLayer",
     "MaskUpdate",
-    "SparseLinear",
     "masked_decay_term",
     "masked_weight_ste",
 ]
@@ -84,34 +84,6 @@ class MaskUpdate:
         return self.flipped_vs_initial / max(self.numel, 1)
 
 
-def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in_fan_out: bool):
-    if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself
-        weight = weight.to(x.dtype)
-        bias = None if bias is None else bias.to(x.dtype)
-    if fan_in_fan_out:  # GPT-2 Conv1D: weight is [in, out]
-        out = x.reshape(-1, x.shape[-1]) @ weight
-        if bias is not None:
-            out = out + bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], weight.shape[1])
-    return F.linear(x, weight, bias)
-
-
-class SparseLinear(nn.Module):
-    """What ``merge_and_unload`` leaves for a target with SLoRB: the N:M weight (zeros stored) plus the branch.
-
-    Parameter names stay ``weight``/``bias`` so the layer's keys match the original module's.
-    """
-
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], slorb: SLoRB, fan_in_fan_out: bool):
-        super().__init__()
-        self.weight = weight
-        self.bias = bias
-        self.slorb = slorb
-        self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = slorb.in_features, slorb.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear_forward(x, self.weight, self.bias, self.fan_in_fan_out) + self.slorb(x).to(x.dtype)
 
 
 class ASTLayer(BaseTunerLayer):
@@ -209,7 +181,7 @@ class ASTLayer(BaseTunerLayer):
         if self.merged:
             out = self.base_layer(x, *args, **kwargs)
         elif active:
-            out = _linear_forward(x, self.effective_weight(active[0]), base.bias, self.fan_in_fan_out)
+            out = linear_forward(x, self.effective_weight(active[0]), base.bias, self.fan_in_fan_out)
         else:
             return self.base_layer(x, *args, **kwargs)
         for name in active:

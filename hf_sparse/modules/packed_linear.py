@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..export.format import (
+from ..format import (
     POSITIONS,
     SCALES,
     VALUES,
@@ -24,8 +24,9 @@ from ..export.format import (
     unpack_positions,
     unpack_weight,
 )
-from ..tuners.ast.slorb import SLoRB
-from . import dispatch
+from ..kernels import dispatch
+from ..quantization import pack_rtn
+from .slorb import SLoRB
 
 __all__ = ["PackedNMLinear"]
 
@@ -84,7 +85,6 @@ class PackedNMLinear(nn.Linear):
     @torch.no_grad()
     def add_masked_delta_(self, delta: torch.Tensor, mask: torch.Tensor) -> None:
         """``W <- W + mask ⊙ delta`` and repack (quantized exports are re-rounded with RTN, same spec)."""
-        from ..export.quantize import pack_rtn
 
         if delta.shape != (self.out_features, self.in_features) or mask.shape != delta.shape:
             raise ValueError(

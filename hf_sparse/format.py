@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..sparsity.packing import pack_bits, position_bits, unpack_bits
+from .sparsity.packing import pack_bits, position_bits, unpack_bits
 
 __all__ = [
     "FORMAT_VERSION",

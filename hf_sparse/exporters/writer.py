@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_directory, atomic_write_json, fsync_tree
-from .format import CHECKSUM_KEY, FORMAT_VERSION, VERSION_KEY
+from ..format import CHECKSUM_KEY, FORMAT_VERSION, VERSION_KEY
 
 __all__ = ["atomic_directory", "tensor_checksum", "write_shards", "write_json", "verify_checksum", "fsync_tree"]
 

@@ -22,10 +22,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..sparsity.nm import is_nm_sparse, nm_mask
 from ..tuners.ast.config import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_TARGET_PATTERN
-from ..tuners.ast.layer import ASTLayer, SparseLinear
-from ..tuners.ast.slorb import SLoRB
-from .format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
-from .quantize import PackedWeight, pack_gptq, pack_rtn
+from ..modules import SLoRB, SparseLinear
+from ..tuners.ast.layer import ASTLayer
+from ..format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
+from ..quantization import PackedWeight, get_quantization_method
 from ..atomic import atomic_directory, check_output_directory
 from .writer import write_json, write_shards
 
@@ -248,19 +248,16 @@ def prepare_export(
 def pack_sources(
     model: nn.Module, sources: list[SparseSource], spec: NMSpec, method: str, calibration_data: Any
 ) -> dict[str, PackedWeight]:
-    if method not in ("rtn", "gptq"):
-        raise ValueError(f"argument `method` must be 'rtn' or 'gptq', got {method!r}")
-    hessians = None
-    if method == "gptq" and spec.bits < 16:
+    """Pack every source with the registered quantization ``method`` (:mod:`hf_sparse.quantization.registry`)."""
+    quantizer = get_quantization_method(method)
+    hessians: dict[str, torch.Tensor] = {}
+    if quantizer.needs_calibration and spec.bits < 16:
         if calibration_data is None:
-            raise ValueError("argument `calibration_data` is required for method='gptq' (token ids or batches)")
+            raise ValueError(f"argument `calibration_data` is required for method={method!r} (token ids or batches)")
         hessians = collect_hessians(model, sources, calibration_data)
     packed = {}
     for s in tqdm(sources, desc=f"packing {spec.n}:{spec.m} int{spec.bits}" if spec.bits < 16 else "packing", leave=False):
-        if hessians is None:
-            packed[s.name] = pack_rtn(s.weight, s.mask, spec)
-        else:
-            packed[s.name] = pack_gptq(s.weight, s.mask, hessians.pop(s.name), spec)
+        packed[s.name] = quantizer.pack(s.weight, s.mask, spec, hessians.pop(s.name, None))
     return packed
 
 
