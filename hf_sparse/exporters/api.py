@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..sparsity.nm import is_nm_sparse, nm_mask
-from ..tuners.ast.config import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_TARGET_PATTERN
+from ..targets import TargetSelector, matches
 from ..modules import SLoRB, SparseLinear
 from ..tuners.ast.layer import ASTLayer
 from ..format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
@@ -67,11 +66,6 @@ def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, any(isinstance(m, ASTLayer) for m in model.modules())
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return any(p == name or p == last or re.fullmatch(p, name) for p in patterns)
-
-
 def _weight_mask(weight_out_in: torch.Tensor, n: int, m: int) -> torch.Tensor:
     w = weight_out_in.detach()
     return nm_mask(w.abs().float() + (w != 0).float(), n, m, dim=1)
@@ -80,8 +74,14 @@ def _weight_mask(weight_out_in: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def collect_sparse_linears(
     model: nn.Module, n: int = 2, m: int = 4, targets: Optional[list[str]] = None
 ) -> tuple[nn.Module, list[SparseSource]]:
-    """Find the N:M linears of ``model`` (AST layers, SparseLinear, or N:M-sparse Linear/Conv1D)."""
+    """Find the N:M linears of ``model`` (AST layers, SparseLinear, or N:M-sparse Linear/Conv1D).
+
+    ``targets`` follows :mod:`hf_sparse.targets` (str regex, or a list of names/suffixes); ``None``: every AST layer /
+    SparseLinear, and the N:M linears among AST's default targets.
+    """
     inner, has_ast = _unwrap_peft(model)
+    explicit = targets is not None
+    selector = TargetSelector(target_modules=targets, exclude_modules=[] if explicit else None)
     sources: list[SparseSource] = []
     if has_ast:
         for name, layer in inner.named_modules():
@@ -99,16 +99,15 @@ def collect_sparse_linears(
             sources.append(
                 SparseSource(name, layer, w.t() if conv else w, mask.t() if conv else mask, base.bias, slorb, conv)
             )
-        if targets is not None:
-            sources = [s for s in sources if _matches(s.name, targets)]
+        if explicit:
+            sources = [s for s in sources if matches(s.name, targets, "targets")]
         return inner, sources
 
-    explicit = targets is not None
     for name, module in inner.named_modules():
         if isinstance(module, SparseLinear):
             conv = module.fan_in_fan_out
             w = module.weight.detach().t() if conv else module.weight.detach()
-            if explicit and not _matches(name, targets):
+            if explicit and not selector.is_target(name):
                 continue
             if not is_nm_sparse(w, n, m, dim=1):
                 raise ValueError(f"{name}: SparseLinear weight is not {n}:{m} sparse along the input dimension")
@@ -116,10 +115,7 @@ def collect_sparse_linears(
             continue
         if not isinstance(module, (nn.Linear, Conv1D)) or not name:
             continue
-        if explicit:
-            if not _matches(name, targets):
-                continue
-        elif not re.fullmatch(DEFAULT_TARGET_PATTERN, name) or _matches(name, DEFAULT_EXCLUDE_PATTERNS):
+        if not selector.is_target(name):
             continue
         conv = isinstance(module, Conv1D)
         w = module.weight.detach().t() if conv else module.weight.detach()

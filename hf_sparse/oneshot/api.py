@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..sparsity.nm import input_dim_of, validate_nm
+from ..targets import TargetSelector
 from .calibration import CalibrationIds, as_batches
 from .registry import get_pruner
 from .sequential import prune_sequential
@@ -25,15 +26,12 @@ def select_targets(
     n: int = 2,
     m: int = 4,
 ) -> dict[str, nn.Module]:
-    """The modules AST would sparsify with the same arguments (same defaults: every Linear/Conv1D inside the
-    decoder blocks, MoE routers excluded), validated for N:M; name -> module."""
-    from ..tuners.ast.config import ASTConfig
-    from ..tuners.ast.model import resolve_targets
-
-    config = ASTConfig(target_modules=target_modules, exclude_modules=exclude_modules, n=n, m=m)
+    """The modules AST would sparsify with the same arguments (the one selector, :mod:`hf_sparse.targets`: every
+    Linear/Conv1D inside the decoder blocks, MoE routers excluded), validated for N:M; name -> module."""
+    validate_nm(n, m, module_name="prune_oneshot")
     modules = dict(model.named_modules())
     targets = {}
-    for name in resolve_targets(model, config):
+    for name in TargetSelector(target_modules, exclude_modules).select(model).modules:
         module = modules[name]
         validate_nm(n, m, in_features=module.weight.shape[input_dim_of(module)], module_name=name)
         targets[name] = module

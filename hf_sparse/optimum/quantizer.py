@@ -74,11 +74,10 @@ class HfSparseQuantizer(OptimumQuantizer):
         return cls(model, **kwargs)
 
     def target_names(self) -> list[str]:
-        from ..tuners.ast.config import ASTConfig
-        from ..tuners.ast.model import resolve_targets
+        """AST's targets for these arguments (the one selector, :mod:`hf_sparse.targets`)."""
+        from ..targets import TargetSelector
 
-        cfg = ASTConfig(n=self.n, m=self.m, target_modules=self.target_modules, exclude_modules=self.exclude_modules)
-        return resolve_targets(self._inner_model(), cfg)
+        return TargetSelector(self.target_modules, self.exclude_modules).select(self._inner_model()).modules
 
     def _inner_model(self) -> nn.Module:
         get_base = getattr(self.model, "get_base_model", None)
@@ -87,7 +86,8 @@ class HfSparseQuantizer(OptimumQuantizer):
     @torch.no_grad()
     def prune(self, method: str = "magnitude") -> dict[str, bool]:
         """Make every target exactly N:M in place; returns ``{name: was_already_sparse}``."""
-        from ..sparsity import is_nm_sparse, nm_mask
+        from ..oneshot.registry import get_pruner
+        from ..sparsity import is_nm_sparse
         from ..sparsity.nm import input_dim_of
 
         if self._is_peft():
@@ -108,7 +108,7 @@ class HfSparseQuantizer(OptimumQuantizer):
                     f"{name}: weight is not {self.n}:{self.m} sparse and argument `prune`='none'; use "
                     f"prune='magnitude' (or prune first with `hf-sparse prune` / AST training)"
                 )
-            module.weight.mul_(nm_mask(module.weight.abs(), self.n, self.m, dim=dim).to(module.weight.dtype))
+            get_pruner(method)(module, name, self.n, self.m).prune()  # the one-shot magnitude pruner
         done = sum(not v for v in report.values())
         logger.info("HfSparseQuantizer: %d/%d targets pruned to %d:%d (%s)", done, len(report), self.n, self.m, method)
         return report

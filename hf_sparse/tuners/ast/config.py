@@ -9,13 +9,13 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ...sparsity.nm import validate_nm
+from ...targets import DEFAULT_EXCLUDE_MODULES, DEFAULT_TARGET_MODULES, TargetSelector
 
 AST_PEFT_TYPE = "AST"
 
-# Default targets: every Linear/Conv1D inside a repeated decoder block ("...layers.3.mlp.up_proj", "h.0.attn.c_attn").
-DEFAULT_TARGET_PATTERN = r".*\.\d+\..*"
-# Routers of mixture-of-experts blocks decide where tokens go: tiny and routing-critical, so they stay dense.
-DEFAULT_EXCLUDE_PATTERNS = (r".*\.(gate|router|shared_expert_gate)$",)
+# kept for code that imported them from here (the selector owns them now: hf_sparse.targets)
+DEFAULT_TARGET_PATTERN = DEFAULT_TARGET_MODULES
+DEFAULT_EXCLUDE_PATTERNS = (DEFAULT_EXCLUDE_MODULES,)
 
 
 @dataclass
@@ -27,9 +27,14 @@ class ASTConfig(PeftConfig):
     10 optimizer steps, annealed masked decay, SLoRB off.
 
     Args:
-        target_modules: regexes matched (``re.fullmatch``) against qualified module names, or bare names matched
-            against the last name component (``"q_proj"``). ``None``: every Linear/Conv1D inside a decoder block.
-        exclude_modules: same syntax; matching modules stay dense. ``None``: MoE routers (``gate``/``router``).
+        target_modules: PEFT's rule (as in ``LoraConfig``): a str is a regex ``re.fullmatch``-ed against qualified
+            module names; a list holds exact names or name suffixes (``["q_proj", "mlp.down_proj"]``). ``None``:
+            every Linear/Conv1D inside a decoder block. (A list of regexes, the pre-0.2 meaning, still works with a
+            FutureWarning.) One implementation for AST, one-shot, export and Optimum: :mod:`hf_sparse.targets`.
+        exclude_modules: same rule; matching modules stay dense. ``None``: MoE routers (``gate``/``router``).
+        target_parameters: names or suffixes of ``nn.Parameter`` s to sparsify that are not Linear modules (fused
+            MoE experts, as ``LoraConfig(target_parameters=...)``). Reserved: AST does not wrap parameters yet and
+            refuses a non-empty value.
         n, m: the N:M pattern (N kept of every M consecutive input weights).
         mask_init: how the first mask is chosen: ``"magnitude"`` (|W|), or a one-shot method that the trainer or
             :mod:`hf_sparse.oneshot` applies from calibration data (``"wanda"``, ``"sparsegpt"``).
@@ -54,8 +59,9 @@ class ASTConfig(PeftConfig):
             regexes over parameter names. Target weights always train: they are what AST trains.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "regexes/names of targets"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "regexes/names kept dense"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "regex (str) or names/suffixes"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "regex (str) or names kept dense"})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "parameter names/suffixes (MoE)"})
     n: int = field(default=2, metadata={"help": "kept weights per group"})
     m: int = field(default=4, metadata={"help": "group size along the input dimension"})
     mask_init: str = field(default="magnitude", metadata={"help": "magnitude | wanda | sparsegpt"})
@@ -81,6 +87,11 @@ class ASTConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, set):
             self.exclude_modules = sorted(self.exclude_modules)
+        if self.target_parameters:
+            raise NotImplementedError(
+                "ASTConfig: argument `target_parameters` is reserved for fused MoE expert tensors, which AST does not "
+                "sparsify yet; target their Linear modules with `target_modules`"
+            )
         if self.slorb_init not in ("mean", "zero"):
             raise ValueError(f"ASTConfig: argument `slorb_init` must be 'mean' or 'zero', got {self.slorb_init!r}")
         if self.slorb_group_size < 1:
@@ -110,3 +121,7 @@ class ASTConfig(PeftConfig):
             raise ValueError(f"ASTConfig: argument `mask_score` must be 'magnitude' or 'activation', got {self.mask_score!r}")
         if isinstance(self.trainable_non_target, str) and self.trainable_non_target not in ("all", "none"):
             self.trainable_non_target = [self.trainable_non_target]
+
+    def target_selector(self) -> TargetSelector:
+        """The selector these fields describe (the one implementation in :mod:`hf_sparse.targets`)."""
+        return TargetSelector(self.target_modules, self.exclude_modules, self.target_parameters)

@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .config import DEFAULT_EXCLUDE_PATTERNS, DEFAULT_TARGET_PATTERN, ASTConfig
+from ...targets import DEFAULT_TARGET_MODULES
+from .config import ASTConfig
 from .layer import ASTLayer, Linear, MaskUpdate, masked_decay_term
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = (nn.Linear, Conv1D)
-
-
-def _as_patterns(patterns: Optional[Union[str, list[str]]]) -> list[str]:
-    if patterns is None:
-        return []
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    """A pattern matches a qualified name by ``re.fullmatch`` or, for bare names, the last component."""
-    last = name.rsplit(".", 1)[-1]
-    for pattern in patterns:
-        if pattern == name or pattern == last or re.fullmatch(pattern, name):
-            return True
-    return False
+from ...targets import SUPPORTED_MODULE_TYPES as SUPPORTED_TYPES  # noqa: E402
 
 
 def resolve_targets(model: nn.Module, config: ASTConfig) -> list[str]:
@@ -40,36 +25,10 @@ def resolve_targets(model: nn.Module, config: ASTConfig) -> list[str]:
 
 
 def _resolve(model: nn.Module, config: ASTConfig) -> tuple[list[str], set[str]]:
-    """(targets, names the exclude patterns removed)."""
-    user_targets = _as_patterns(config.target_modules)
-    includes = user_targets or [DEFAULT_TARGET_PATTERN]
-    excludes = _as_patterns(config.exclude_modules) if config.exclude_modules is not None else list(DEFAULT_EXCLUDE_PATTERNS)
-    targets: list[str] = []
-    excluded: set[str] = set()
-    for name, module in model.named_modules():
-        if not name or isinstance(module, ASTLayer) or ".ast_slorb" in name or ".base_layer" in name:
-            continue
-        if not _matches(name, includes):
-            continue
-        if _matches(name, excludes):
-            excluded.add(name)
-            continue
-        if not isinstance(module, SUPPORTED_TYPES):
-            if user_targets and (name.rsplit(".", 1)[-1] in user_targets or any(re.fullmatch(p, name) for p in user_targets)):
-                if not list(module.children()) or not any(isinstance(c, SUPPORTED_TYPES) for c in module.modules()):
-                    raise TypeError(
-                        f"{name}: argument `target_modules` matched a {type(module).__name__}, which AST cannot "
-                        f"sparsify (supported: nn.Linear, transformers Conv1D)."
-                    )
-            continue
-        targets.append(name)
-    if not targets:
-        raise ValueError(
-            f"argument `target_modules`={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
-            f"matched no nn.Linear/Conv1D module of {type(model).__name__}."
-        )
-    _log_dense_parameters(model, targets)
-    return targets, excluded
+    """(targets, names the exclude patterns removed), by the one selector (:mod:`hf_sparse.targets`)."""
+    selection = config.target_selector().select(model)
+    _log_dense_parameters(model, selection.modules)
+    return selection.modules, selection.excluded
 
 
 def _log_dense_parameters(model: nn.Module, targets: list[str]) -> None:
@@ -77,7 +36,7 @@ def _log_dense_parameters(model: nn.Module, targets: list[str]) -> None:
     target_set = set(targets)
     dense = []
     for name, module in model.named_modules():
-        if not re.fullmatch(DEFAULT_TARGET_PATTERN, name or "") or name in target_set:
+        if not re.fullmatch(DEFAULT_TARGET_MODULES, name or "") or name in target_set:
             continue
         for pname, param in module.named_parameters(recurse=False):
             if param.dim() >= 2:
