@@ -33,10 +33,12 @@ import hf_sparse  # noqa: E402
 from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments  # noqa: E402
 from hf_sparse.atomic import atomic_write_json as write_json_atomic  # noqa: E402
 from hf_sparse.assets import load_model_and_tokenizer, shakespeare  # noqa: E402
-from hf_sparse.chat_eval import chat_accuracy, load_questions, teacher_chat_conversations  # noqa: E402
 from hf_sparse.demo import Budget, _use_bf16, ast_student, heldout_stream, training_dataset  # noqa: E402
-from hf_sparse.evaluate import evaluate_lm, reference_logprobs, tokenize_texts  # noqa: E402
+from hf_sparse.evaluation import (  # noqa: E402
+    chat_accuracy, evaluate_lm, load_questions, reference_logprobs, teacher_chat_conversations,
+)
 from hf_sparse.oneshot import prune_oneshot  # noqa: E402
+from hf_sparse.text import tokenize_texts  # noqa: E402
 
 
 class CurveCallback(TrainerCallback):

@@ -16,7 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("hf_sparse.training.cli", "run an AST recipe (YAML) with ASTTrainer"),
     "prune": ("hf_sparse.oneshot.cli", "one-shot N:M pruning (magnitude, wanda, sparsegpt)"),
     "export": ("hf_sparse.exporters.cli", "export to 2:4 (+ quantized) safetensors"),
-    "eval": ("hf_sparse.evaluation_cli", "perplexity / KL to dense on a text file or dataset"),
+    "eval": ("hf_sparse.evaluation.cli", "perplexity / KL to dense on a text file or dataset"),
 }
 
 

@@ -94,14 +94,14 @@ def _budget(args: argparse.Namespace) -> Budget:
 # ----------------------------------------------------------------------------------------------- data
 def _texts(path: Optional[str], split: str) -> list[str]:
     from .assets import shakespeare
-    from .training.data import load_text
+    from .text import load_text
 
     return shakespeare(split) if path is None else [load_text(path)]
 
 
 def heldout_stream(tokenizer: Any, texts: list[str], n_tokens: int) -> torch.Tensor:
     """``n_tokens`` held-out tokens, an equal share from the start of every document (every play counts)."""
-    from .evaluate import tokenize_texts
+    from .text import tokenize_texts
 
     share = max(1, n_tokens // len(texts))
     parts = [tokenize_texts(tokenizer, [t])[:share] for t in texts]
@@ -113,7 +113,7 @@ def training_dataset(tokenizer: Any, texts: list[str], chat: list[str], budget: 
     the rest from the training text: ``max_steps * batch_size`` blocks when the text is long enough."""
     from torch.utils.data import ConcatDataset
 
-    from .evaluate import tokenize_texts
+    from .text import tokenize_texts
     from .training.data import TextBlocks
 
     total = budget.max_steps * budget.batch_size
@@ -142,8 +142,7 @@ def training_dataset(tokenizer: Any, texts: list[str], chat: list[str], budget: 
 # ----------------------------------------------------------------------------------------------- steps
 def measure(name: str, model, tokenizer, eval_ids, reference, budget: Budget, device) -> dict[str, Any]:
     """Held-out perplexity, KL to dense and the chat check of one model."""
-    from .chat_eval import chat_accuracy, load_questions
-    from .evaluate import evaluate_lm
+    from .evaluation import chat_accuracy, evaluate_lm, load_questions
 
     print(f"[{name}] held-out perplexity and KL to dense ...", flush=True)
     lm = evaluate_lm(model, eval_ids, reference=reference, max_length=budget.seq_len, stride=budget.seq_len,
@@ -244,8 +243,8 @@ def run(args: argparse.Namespace) -> int:
     import hf_sparse
     from hf_sparse import ASTConfig, ASTTrainer, ASTTrainingArguments
     from hf_sparse.assets import load_model_and_tokenizer
-    from hf_sparse.chat_eval import teacher_chat_conversations, teacher_chat_texts
-    from hf_sparse.evaluate import reference_logprobs, tokenize_texts
+    from hf_sparse.evaluation import reference_logprobs, teacher_chat_conversations, teacher_chat_texts
+    from hf_sparse.text import tokenize_texts
     from hf_sparse.atomic import atomic_write_json as write_json_atomic
     from hf_sparse.oneshot import prune_oneshot
 

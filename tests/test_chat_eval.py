@@ -1,4 +1,4 @@
-"""hf_sparse.chat_eval: question data, answer matching, batched greedy chat answers, teacher conversations."""
+"""hf_sparse.evaluation.chat: question data, answer matching, batched greedy chat answers, teacher conversations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_chat_tokenizer import tiny_chat_model, tiny_chat_tokenizer
 
-from hf_sparse.chat_eval import (
+from hf_sparse.evaluation.chat import (
     _trim_unfinished,
     answer_matches,
     chat_accuracy,

@@ -1,4 +1,4 @@
-"""hf_sparse.evaluate and `hf-sparse eval` on tiny real models (no network)."""
+"""hf_sparse.evaluation and `hf-sparse eval` on tiny real models (no network)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import VOCAB, tiny_model
 from tiny_chat_tokenizer import tiny_chat_model, tiny_chat_tokenizer
 
-from hf_sparse.evaluate import (
+from hf_sparse.evaluation import (
     ReferenceLogprobs,
     evaluate_lm,
     kl_to_reference,
@@ -215,3 +215,23 @@ def test_lm_eval_runs_a_local_task_offline(tmp_path):
         correct += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
     assert results["tiny_sums"]["acc,none"] == pytest.approx(correct / len(rows))
     assert "tiny_sums" in lm_eval_tasks(model, tok, str(tmp_path), batch_size=2, limit=2)  # a folder of tasks
+
+
+def test_old_import_paths_and_chat_eval_entry_still_work():
+    import subprocess
+    import sys
+
+    import hf_sparse.chat_eval as chat_eval
+    import hf_sparse.evaluate as evaluate
+    import hf_sparse.evaluation as evaluation
+
+    for name in evaluate.__all__:
+        assert getattr(evaluate, name) is getattr(evaluation, name)
+    for name in chat_eval.__all__:
+        assert getattr(chat_eval, name) is getattr(evaluation, name)
+    code = ("import sys, runpy; import hf_sparse.evaluation; "
+            "assert not [m for m in sys.modules if m.startswith('hf_sparse.training')], 'evaluation imports training'; "
+            "sys.argv = ['x', '--help']; runpy.run_module('hf_sparse.chat_eval', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "generate-teacher-data" in out.stdout and "python -m hf_sparse.chat_eval" in out.stdout

@@ -1,7 +1,7 @@
 """``hf-sparse eval --model PATH --text-file F [--reference PATH]``: perplexity (and KL to a reference) on a text.
 
 Prints sliding-window perplexity, and with ``--reference`` (usually the dense model) the mean per-token
-KL(p_ref || p_model); ``--chat`` adds the chat check (:mod:`hf_sparse.chat_eval`); ``--json`` writes it all.
+KL(p_ref || p_model); ``--chat`` adds the chat check (:mod:`hf_sparse.evaluation.chat`); ``--json`` writes it all.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def _load(path: str, tokenizer_path: str | None, dtype: str, device: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate_lm, tokenize_texts
-    from .training.data import load_text
+    from ..text import load_text, tokenize_texts
+    from .scoring import evaluate_lm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         line += f"; KL(reference || model) {result['kl']:.4f} nats/token"
     print(line)
     if args.chat:
-        from .chat_eval import chat_accuracy
+        from .chat import chat_accuracy
 
         chat = chat_accuracy(model, tokenizer, progress=not args.no_progress)
         result["chat_accuracy"], result["chat_answered"] = chat["accuracy"], chat["answered"]
