@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from .evaluation.chat_cli import main
 from .evaluation.chat import (
     QUESTIONS_FILE,
     TEACHER_ANSWERS_FILE,
@@ -20,7 +21,6 @@ from .evaluation.chat import (
     load_questions,
     load_teacher_answers,
     load_train_prompts,
-    main,
     normalize,
     teacher_chat_conversations,
     teacher_chat_texts,

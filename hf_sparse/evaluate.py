@@ -7,10 +7,9 @@ lm-eval tasks (:mod:`hf_sparse.evaluation.lm_eval`) and :func:`tokenize_texts` (
 
 from __future__ import annotations
 
-from .evaluation.kl import kl_to_reference
 from .evaluation.lm_eval import lm_eval_tasks
 from .evaluation.reference import ReferenceLogprobs, reference_logprobs
-from .evaluation.scoring import evaluate_lm, perplexity
+from .evaluation.scoring import evaluate_lm, kl_to_reference, perplexity
 from .evaluation.windows import DeviceLike, sliding_windows
 from .text import tokenize_texts
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_sparse
 from hf_sparse.format import FormatError
-from hf_sparse.exporters.writer import tensor_checksum
+from hf_sparse.checksum import tensor_checksum
 from hf_sparse.modules import PackedNMLinear
 
 Q = "model.layers.0.self_attn.q_proj"

@@ -24,10 +24,9 @@ from .chat import (
     teacher_chat_conversations,
     teacher_chat_texts,
 )
-from .kl import kl_to_reference
 from .lm_eval import lm_eval_tasks
 from .reference import ReferenceLogprobs, reference_logprobs
-from .scoring import evaluate_lm, perplexity
+from .scoring import evaluate_lm, kl_to_reference, perplexity
 from .windows import sliding_windows
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Scoring a model on a token stream: sliding-window perplexity and, with a reference, KL in ONE pass.
 
-:func:`evaluate_lm` is the one pass; :func:`perplexity` and :func:`~hf_sparse.evaluation.kl.kl_to_reference`
+:func:`evaluate_lm` is the one pass; :func:`perplexity` and :func:`kl_to_reference`
 read one number of it.
 
 The windowing (every token after the first scored exactly once, up to ``max_length - stride`` tokens of
@@ -15,11 +15,11 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .kl import _kl_rows
+from .kl import kl_rows
 from .reference import ReferenceLogprobs
 from .windows import DeviceLike, _as_stream, _EvalMode, _prepare, _window_logits
 
-__all__ = ["evaluate_lm", "perplexity"]
+__all__ = ["evaluate_lm", "kl_to_reference", "perplexity"]
 
 
 def perplexity(
@@ -79,9 +79,31 @@ def evaluate_lm(
                 else:
                     ref_logits, _ = next(ref_iter)
                     ref_lp, ref_ids = torch.log_softmax(ref_logits.to(model_lp.device) / temperature, dim=-1), None
-                kl += _kl_rows(ref_lp, ref_ids, model_lp).sum().item()
+                kl += kl_rows(ref_lp, ref_ids, model_lp).sum().item()
             count += n
     out = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
     if reference is not None:
         out["kl"] = kl / count
     return out
+
+
+def kl_to_reference(
+    model: torch.nn.Module,
+    reference_model: Union[torch.nn.Module, ReferenceLogprobs],
+    input_ids: torch.Tensor,
+    max_length: int = 512,
+    stride: int = 256,
+    temperature: float = 1.0,
+    batch_size: int = 4,
+    device: DeviceLike = None,
+    progress: bool = True,
+) -> float:
+    """Mean per-token KL(p_ref || p_model) over the sliding windows (0 when the model equals the reference).
+
+    ``reference_model``: the dense model (exact), or a :class:`ReferenceLogprobs` from :func:`reference_logprobs`
+    (computed once, reused for every compared model).
+    """
+    if reference_model is None:
+        raise ValueError("argument `reference_model` is required (a model or ReferenceLogprobs)")
+    return evaluate_lm(model, input_ids, reference=reference_model, max_length=max_length, stride=stride,
+                       batch_size=batch_size, temperature=temperature, device=device, progress=progress)["kl"]

@@ -7,49 +7,22 @@ from a format mismatch. Directory replacement rules (what happens to an existing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_directory, atomic_write_json, fsync_tree
+from ..checksum import tensor_checksum, verify_checksum
 from ..format import CHECKSUM_KEY, FORMAT_VERSION, VERSION_KEY
 
 __all__ = ["atomic_directory", "tensor_checksum", "write_shards", "write_json", "verify_checksum", "fsync_tree"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-
-
-def tensor_checksum(named: Iterator[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of tensors in name order: independent of the file layout."""
-    h = hashlib.sha256()
-    for name, t in sorted(named, key=lambda kv: kv[0]):
-        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def verify_checksum(path: str | os.PathLike) -> Optional[bool]:
-    """True/False when the shard carries an hf_sparse checksum, None when it has none. Reads one tensor at a time."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        expected = meta.get(CHECKSUM_KEY)
-        if expected is None:
-            return None
-        keys = sorted(f.keys())
-        h = hashlib.sha256()
-        for name in keys:
-            t = f.get_tensor(name)
-            h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            del t
-    return h.hexdigest() == expected
 
 
 def _nbytes(t: torch.Tensor) -> int:

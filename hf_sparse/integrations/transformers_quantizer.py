@@ -97,7 +97,7 @@ class HfSparseConfig(QuantizationConfigMixin):
 def _read_headers(checkpoint_files: list[str], verify: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     from safetensors import safe_open
 
-    from ..exporters.writer import verify_checksum
+    from ..checksum import verify_checksum
 
     header: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for file in checkpoint_files:

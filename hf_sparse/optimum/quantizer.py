@@ -137,7 +137,7 @@ class HfSparseQuantizer(OptimumQuantizer):
                 "HfSparseQuantizer.quantize: argument `file_prefix` is not supported; exports use transformers' "
                 "standard file names so that from_pretrained loads them"
             )
-        from .. import export
+        from ..exporters import export
 
         if self._is_peft():
             targets = None  # the AST layers are the targets; their masks are already exact N:M
