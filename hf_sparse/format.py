@@ -37,6 +37,9 @@ __all__ = [
     "CHECKSUM_KEY",
     "NMSpec",
     "FormatError",
+    "dtype_names",
+    "parse_dtype",
+    "safetensors_dtype",
     "expected_tensors",
     "pack_codes",
     "unpack_codes",
@@ -58,6 +61,13 @@ CHECKSUM_KEY = "hf_sparse.sha256"
 VERSION_KEY = "hf_sparse.format_version"
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# the one table of user-facing dtype names (CLI flags, recipes, training arguments)
+_DTYPE_ALIASES = {**_DTYPES, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# safetensors header dtype codes this format stores
+_SAFETENSORS_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8,
+    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}
 
 
 class FormatError(ValueError):
@@ -75,6 +85,33 @@ def dtype_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     raise FormatError(f"unsupported dtype {dtype}; expected one of {sorted(_DTYPES)}")
+
+
+def parse_dtype(name: Optional[str], argument: str = "dtype", allow_auto: bool = True):
+    """A user-given dtype name (``float16``/``fp16``/``bfloat16``/``bf16``/``float32``/``fp32``; ``auto``/None -> None)
+    as a torch dtype; an unknown name is an error naming the argument (never a silent float32)."""
+    if name is None or (allow_auto and name == "auto"):
+        return None
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPE_ALIASES[str(name)]
+    except KeyError:
+        choices = sorted(_DTYPE_ALIASES) + (["auto"] if allow_auto else [])
+        raise ValueError(f"argument `{argument}`={name!r} is not a dtype name; choose one of {choices}") from None
+
+
+def dtype_names(allow_auto: bool = True) -> tuple[str, ...]:
+    """The names :func:`parse_dtype` accepts (for argparse ``choices``)."""
+    return tuple(sorted(_DTYPE_ALIASES)) + (("auto",) if allow_auto else ())
+
+
+def safetensors_dtype(code: str, key: str = "<tensor>") -> torch.dtype:
+    """The torch dtype of a safetensors header dtype code; an unknown code is a FormatError naming the tensor."""
+    try:
+        return _SAFETENSORS_DTYPES[code]
+    except KeyError:
+        raise FormatError(f"{key}: safetensors dtype {code!r} is not one hf_sparse stores") from None
 
 
 @dataclass

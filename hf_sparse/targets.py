@@ -20,7 +20,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D

@@ -204,14 +204,20 @@ def test_dense_model_is_refused_with_a_clear_error(tmp_path):
 # ---------------- atomic writes ----------------
 
 
-def test_failed_export_leaves_no_partial_dir_and_keeps_earlier_export(tmp_path, input_ids):
+def test_failed_export_leaves_no_partial_dir_and_keeps_earlier_export(tmp_path, input_ids, monkeypatch):
+    import importlib
+
+    api = importlib.import_module("hf_sparse.exporters.api")
     model = ast_model("llama")
     out = tmp_path / "export"
     hf_sparse.export(model, out, bits=4, group_size=32)
     digest = tree_digest(out)
     # a second export dies after writing two of its shards
+    real_write_shards = api.write_shards
+    monkeypatch.setattr(api, "write_shards", lambda *a, **kw: real_write_shards(*a, **kw, fail_after=2))
     with pytest.raises(RuntimeError, match="aborted"):
-        hf_sparse.export(model, out, bits=8, group_size=32, max_shard_size=20_000, _fail_after_shards=2)
+        hf_sparse.export(model, out, bits=8, group_size=32, max_shard_size=20_000)
+    monkeypatch.setattr(api, "write_shards", real_write_shards)
     assert tree_digest(out) == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp dir left behind
     # a failing tensor in a fresh location: nothing appears at all

@@ -19,13 +19,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from ..atomic import atomic_directory, check_output_directory
+from ..format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
+from ..modules import SLoRB, SparseLinear
+from ..quantization import PackedWeight, get_quantization_method
+from ..quantization.config import HfSparseConfig
 from ..sparsity.nm import is_nm_sparse, nm_mask
 from ..targets import TargetSelector, matches
-from ..modules import SLoRB, SparseLinear
 from ..tuners.ast.layer import ASTLayer
-from ..format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
-from ..quantization import PackedWeight, get_quantization_method
-from ..atomic import atomic_directory, check_output_directory
 from .writer import write_json, write_shards
 
 logger = logging.getLogger(__name__)
@@ -189,56 +190,48 @@ def collect_hessians(model: nn.Module, sources: list[SparseSource], calibration_
     return {k: v / counts[k] for k, v in hessians.items()}
 
 
-def _make_spec(
-    sources: list[SparseSource], n: int, m: int, bits: int, group_size: Optional[int], symmetric: bool,
-    values_dtype: Optional[torch.dtype], model_dtype: torch.dtype,
-) -> NMSpec:
-    if values_dtype is None:
-        values_dtype = model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+def _slorb_spec(sources: list[SparseSource]) -> Optional[dict[str, Any]]:
     slorbs = [s.slorb for s in sources if s.slorb is not None]
-    if slorbs and len(slorbs) != len(sources):
+    if not slorbs:
+        return None
+    if len(slorbs) != len(sources):
         missing = [s.name for s in sources if s.slorb is None][:3]
         raise ValueError(f"export: SLoRB present on some targets but not on {missing}...; all or none are supported")
-    slorb = None
-    if slorbs:
-        ks = {sl.k for sl in slorbs}
-        if len(ks) != 1:
-            raise ValueError(f"export: SLoRB group sizes differ across targets ({sorted(ks)})")
-        slorb = {"group_size": ks.pop(), "train_projection": any(sl.X is not None for sl in slorbs)}
-    spec = NMSpec(
-        n=n, m=m, bits=bits, group_size=group_size if bits < 16 else None, symmetric=symmetric,
-        values_dtype=dtype_name(values_dtype), targets=[s.name for s in sources], slorb=slorb,
-    )
-    for s in sources:
-        spec.check_shape(s.weight.shape[1], s.name)
-    return spec
+    ks = {sl.k for sl in slorbs}
+    if len(ks) != 1:
+        raise ValueError(f"export: SLoRB group sizes differ across targets ({sorted(ks)})")
+    return {"group_size": ks.pop(), "train_projection": any(sl.X is not None for sl in slorbs)}
 
 
 @dataclass
 class PreparedExport:
-    """What every export path needs: the unwrapped model, its N:M linears and the spec they will be stored with."""
+    """What every export path needs: the unwrapped model, its N:M linears, the spec they are stored with, and the
+    config that lands in ``config.json`` (the one :class:`HfSparseConfig`, exact targets filled in)."""
 
     inner: nn.Module
     sources: list[SparseSource]
     spec: NMSpec
     model_dtype: torch.dtype
+    config: HfSparseConfig
 
 
-def prepare_export(
-    model: nn.Module, n: int, m: int, bits: int, group_size: Optional[int], symmetric: bool,
-    targets: Optional[list[str]], dtype: Optional[torch.dtype],
-) -> PreparedExport:
+def prepare_export(model: nn.Module, config: HfSparseConfig, dtype: Optional[torch.dtype] = None) -> PreparedExport:
     """Find the sources and build/validate the spec (errors name the module and argument) before any work."""
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
             f"export: argument `dtype` must be None, torch.float16, torch.bfloat16 or torch.float32 (the storage dtype "
             f"of the dense rest), got {dtype!r}; quantize the N:M weights with `bits` instead"
         )
-    inner, sources = collect_sparse_linears(model, n, m, targets)
+    inner, sources = collect_sparse_linears(model, config.n, config.m, config.targets)
     mdtype = dtype or model_dtype_of(inner)
-    values_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
-    spec = _make_spec(sources, n, m, bits, group_size, symmetric, values_dtype, mdtype)
-    return PreparedExport(inner, sources, spec, mdtype)
+    values_dtype = config.values_dtype
+    if values_dtype is None:
+        store = dtype if dtype in (torch.float16, torch.bfloat16) else mdtype
+        values_dtype = dtype_name(store if store in (torch.float16, torch.bfloat16) else torch.float16)
+    spec = config.spec_for([s.name for s in sources], values_dtype=values_dtype, slorb=_slorb_spec(sources))
+    for s in sources:
+        spec.check_shape(s.weight.shape[1], s.name)
+    return PreparedExport(inner, sources, spec, mdtype, config.written(spec))
 
 
 def pack_sources(
@@ -333,20 +326,15 @@ def dense_state_dict(inner: nn.Module, targets: list[str], dtype: Optional[torch
 def export(
     model: Union[nn.Module, str, Path],
     out_dir: Union[str, Path],
-    bits: int = 16,
-    group_size: Optional[int] = 128,
-    symmetric: bool = True,
-    method: str = "rtn",
+    quantization_config: Optional[HfSparseConfig] = None,
+    *,
     calibration_data: Any = None,
-    n: int = 2,
-    m: int = 4,
-    targets: Optional[list[str]] = None,
     dtype: Optional[torch.dtype] = None,
     tokenizer: Any = None,
     card: Optional[dict[str, Any]] = None,
     max_shard_size: int = 5 * 1024**3,
     overwrite: bool = False,
-    _fail_after_shards: Optional[int] = None,
+    **options: Any,
 ) -> Path:
     """Write ``model`` as packed N:M (+ quantized) safetensors that ``AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -355,20 +343,21 @@ def export(
         out_dir: written atomically (temp dir beside it, then rename); an earlier export there survives failures.
             An existing ``out_dir`` is replaced only if it is empty or a previous hf_sparse output, or with
             ``overwrite=True``; never when it is the source, contains it, or is the current directory or a parent.
-        bits: 16 keeps kept values in fp16/bf16; 8 or 4 quantizes them (unsigned codes + scales [+ zeros]).
-        group_size: input channels per scale (32/64/128...), ``None`` for one scale per output channel.
-        symmetric: symmetric codes (implicit zero 2**(bits-1)) or asymmetric (stored zero-points).
-        method: ``"rtn"`` or ``"gptq"`` (mask-respecting; needs ``calibration_data``: token ids or batches).
+        quantization_config: an :class:`HfSparseConfig` (N:M, bits, group size, symmetric, method, targets); the
+            same object lands in ``config.json`` and the loader reads it back. Or pass its fields as keywords
+            (``bits=4, group_size=128, method="gptq"``), which override the config's.
+        calibration_data: token ids or batches, for ``method="gptq"``.
         dtype: storage dtype of the dense rest (embeddings, norms, lm_head, biases, SLoRB); None keeps the model's.
-        card: model card fields (see :func:`hf_sparse.integrations.hub.render_model_card`); a card is always written.
+        card: model card fields (see :func:`hf_sparse.exporters.model_card.render_model_card`); a card is always written.
     """
+    config = HfSparseConfig.from_options(quantization_config, **options)
     if isinstance(model, (str, Path)):
         model = load_for_export(Path(model))
-    prep = prepare_export(model, n, m, bits, group_size, symmetric, targets, dtype)
+    prep = prepare_export(model, config, dtype)
     inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
     local_sources = source_paths(model, inner)
     check_output_directory(Path(out_dir).resolve(), overwrite, local_sources)  # refuse before the slow packing
-    packed = pack_sources(model, sources, spec, method, calibration_data)
+    packed = pack_sources(model, sources, spec, config.method, calibration_data)
 
     tensors = dense_state_dict(inner, spec.targets, dtype)
     for s in sources:
@@ -386,47 +375,44 @@ def export(
             if s.slorb.X is not None:
                 tensors[f"{s.name}.{SLORB_X}"] = s.slorb.X.detach().to(dtype or s.slorb.X.dtype)
 
-    config = copy.deepcopy(inner.config)
-    config.quantization_config = spec.to_dict()
-    config.dtype = model_dtype
+    model_config = copy.deepcopy(inner.config)
+    model_config.quantization_config = prep.config.to_dict()
+    model_config.dtype = model_dtype
     with atomic_directory(out_dir, overwrite=overwrite, sources=local_sources, writer="hf_sparse.export") as tmp:
-        write_shards(tensors, tmp, max_shard_bytes=max_shard_size, fail_after=_fail_after_shards)
-        config.save_pretrained(tmp)
+        write_shards(tensors, tmp, max_shard_bytes=max_shard_size)
+        model_config.save_pretrained(tmp)
         generation_config = getattr(inner, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         card = dict(card or {})
-        card.setdefault("method", method if bits < 16 else "rtn")
+        card.setdefault("method", config.method if spec.bits < 16 else "rtn")
         if card.get("recipe") is not None:
             write_json(card["recipe"], tmp / "hf_sparse_recipe.json")
         from ..integrations.hub import write_model_card
 
-        write_model_card(tmp, spec, config, **card)
+        write_model_card(tmp, spec, model_config, **card)
     return Path(out_dir)
 
 
 @torch.no_grad()
 def fake_quantize(
     model: nn.Module,
-    bits: int = 16,
-    group_size: Optional[int] = 128,
-    symmetric: bool = True,
-    method: str = "rtn",
+    quantization_config: Optional[HfSparseConfig] = None,
+    *,
     calibration_data: Any = None,
-    n: int = 2,
-    m: int = 4,
-    targets: Optional[list[str]] = None,
     dtype: Optional[torch.dtype] = None,
+    **options: Any,
 ) -> nn.Module:
-    """The in-memory twin of :func:`export`: target weights replaced by the exact dequantized N:M weights.
-
-    A PeftModel is merged (``merge_and_unload``) first; the result computes what the loaded export computes.
+    """The in-memory twin of :func:`export` (same config and options): target weights replaced by the exact
+    dequantized N:M weights. A PeftModel is merged (``merge_and_unload``) first; the result computes what the loaded
+    export computes.
     """
-    prep = prepare_export(model, n, m, bits, group_size, symmetric, targets, dtype)
+    config = HfSparseConfig.from_options(quantization_config, **options)
+    prep = prepare_export(model, config, dtype)
     inner, sources, spec = prep.inner, prep.sources, prep.spec
-    packed = pack_sources(model, sources, spec, method, calibration_data)
+    packed = pack_sources(model, sources, spec, config.method, calibration_data)
     if inner is not model or any(isinstance(mod, ASTLayer) for mod in inner.modules()):
         inner = model.merge_and_unload() if hasattr(model, "merge_and_unload") else inner
     for s in sources:

@@ -1,4 +1,4 @@
-"""``hf-sparse export SOURCE OUT_DIR``: pack an AST adapter / merged checkpoint as N:M (+ int8/int4) safetensors."""
+"""``hf-sparse export SOURCE OUT_DIR`` (or ``--model SOURCE --output-dir OUT_DIR``, as ``hf-sparse prune``): pack an AST adapter / merged checkpoint as N:M (+ int8/int4) safetensors."""
 
 from __future__ import annotations
 
@@ -9,35 +9,47 @@ from typing import Optional
 
 import torch
 
+from ..format import dtype_names, parse_dtype
+
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def _group_size(value: str) -> Optional[int]:
-    if value in ("channel", "none", "None"):
+    """Input channels per scale; per output channel is ``channel``, ``-1`` (transformers' GPTQConfig) or ``0``."""
+    if value in ("channel", "none", "None", "-1", "0"):
         return None
     try:
         return int(value)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--group-size must be an integer or 'channel', got {value!r}") from err
+        raise argparse.ArgumentTypeError(f"--group-size must be an integer, or 'channel' / -1, got {value!r}") from err
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="AST adapter directory, or a merged N:M checkpoint directory")
-    parser.add_argument("out_dir", help="export directory (written atomically; an existing one is replaced only if it "
-                                         "is empty or a previous hf_sparse export, see --overwrite)")
+    from . import EXPORT_FORMATS
+    from ..quantization import QUANTIZATION_METHODS
+
+    parser.add_argument("source", nargs="?", help="AST adapter directory, or a merged N:M checkpoint directory "
+                                                  "(or --model)")
+    parser.add_argument("out_dir", nargs="?", help="export directory (or --output-dir)")
+    parser.add_argument("--model", dest="model_opt", help="same as SOURCE (the flag `hf-sparse prune` takes)")
+    parser.add_argument("--output-dir", dest="out_opt",
+                        help="same as OUT_DIR: written atomically; an existing one is replaced only if it is empty or "
+                             "a previous hf_sparse export, see --overwrite")
     parser.add_argument("--bits", type=int, choices=(16, 8, 4), default=16, help="kept-value precision")
-    parser.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale, or 'channel'")
+    parser.add_argument("--group-size", type=_group_size, default=128,
+                        help="input channels per scale, or 'channel' / -1 for per output channel")
     parser.add_argument("--asymmetric", action="store_true", help="store zero-points (default: symmetric)")
-    parser.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="quantization method")
+    parser.add_argument("--method", choices=tuple(QUANTIZATION_METHODS), default="rtn", help="quantization method")
+    parser.add_argument("--targets", nargs="*", default=None,
+                        help="modules to export: names/suffixes (default: every N:M linear of the model)")
     parser.add_argument("--calibration-file", type=Path, help="text file for GPTQ calibration")
-    parser.add_argument("--calibration-samples", type=int, default=64)
-    parser.add_argument("--calibration-seqlen", type=int, default=512)
-    parser.add_argument("--format", dest="fmt", choices=("hf_sparse", "compressed-tensors"), default="hf_sparse")
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="auto", help="dtype of the dense rest")
-    parser.add_argument("--n", type=int, default=2)
-    parser.add_argument("--m", type=int, default=4)
+    parser.add_argument("--num-samples", "--calibration-samples", dest="num_samples", type=int, default=64,
+                        help="calibration sequences")
+    parser.add_argument("--seq-len", "--calibration-seqlen", dest="seq_len", type=int, default=512,
+                        help="tokens per calibration sequence")
+    parser.add_argument("--format", dest="fmt", choices=tuple(EXPORT_FORMATS), default="hf_sparse")
+    parser.add_argument("--dtype", choices=dtype_names(), default="auto", help="dtype of the dense rest")
+    parser.add_argument("--n", type=int, default=2, help="kept weights per group")
+    parser.add_argument("--m", type=int, default=4, help="group size along the input dimension")
     parser.add_argument("--base-model", help="base model id for the model card")
     parser.add_argument("--token-budget", help="training tokens, for the model card")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub repo")
@@ -55,37 +67,43 @@ def _calibration(args: argparse.Namespace, source: Path):
 
     tok = AutoTokenizer.from_pretrained(str(source))
     ids = tok(args.calibration_file.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    seq = args.calibration_seqlen
-    chunks = [ids[i : i + seq] for i in range(0, ids.numel() - seq + 1, seq)][: args.calibration_samples]
+    seq = args.seq_len
+    chunks = [ids[i : i + seq] for i in range(0, ids.numel() - seq + 1, seq)][: args.num_samples]
     if not chunks:
         raise SystemExit(f"hf-sparse export: {args.calibration_file} has fewer than {seq} tokens")
     return torch.stack(chunks)
 
 
+def _path_argument(positional: Optional[str], flag: Optional[str], name: str, flag_name: str) -> str:
+    if positional and flag and positional != flag:
+        raise SystemExit(f"hf-sparse export: {name} given twice ({positional!r} and {flag_name} {flag!r})")
+    value = positional or flag
+    if not value:
+        raise SystemExit(f"hf-sparse export: {name} is required (positional, or {flag_name})")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from ..atomic import OutputDirectoryError, check_output_directory
-    from .api import load_for_export, export
+    from ..quantization.config import HfSparseConfig
+    from . import EXPORT_FORMATS
+    from .api import load_for_export
 
-    source = Path(args.source)
+    source = Path(_path_argument(args.source, args.model_opt, "SOURCE", "--model"))
+    out_dir = _path_argument(args.out_dir, args.out_opt, "OUT_DIR", "--output-dir")
     if not source.is_dir():
         raise SystemExit(f"hf-sparse export: SOURCE {str(source)!r} is not a directory")
     try:  # refuse before loading anything
-        check_output_directory(Path(args.out_dir).resolve(), args.overwrite, [source], argument="OUT_DIR")
-    except OutputDirectoryError as err:
+        check_output_directory(Path(out_dir).resolve(), args.overwrite, [source], argument="OUT_DIR")
+        config = HfSparseConfig(n=args.n, m=args.m, bits=args.bits, group_size=args.group_size,
+                                symmetric=not args.asymmetric, method=args.method, targets=args.targets)
+    except (OutputDirectoryError, ValueError) as err:
         raise SystemExit(f"hf-sparse export: {err}") from None
     model = load_for_export(source)
     card = {"base_model": args.base_model, "token_budget": args.token_budget}
-    kwargs = dict(
-        bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric, method=args.method,
-        calibration_data=_calibration(args, source), n=args.n, m=args.m, dtype=_DTYPES[args.dtype], card=card,
-        overwrite=args.overwrite,
-    )
-    if args.fmt == "compressed-tensors":
-        from ..integrations.compressed_tensors import export_compressed_tensors
-
-        out = export_compressed_tensors(model, args.out_dir, **kwargs)
-    else:
-        out = export(model, args.out_dir, **kwargs)
+    write = EXPORT_FORMATS.get_entry(args.fmt)
+    out = write(model, out_dir, config, calibration_data=_calibration(args, source), dtype=parse_dtype(args.dtype),
+                card=card, overwrite=args.overwrite)
     print(f"exported to {out}")
     if args.push_to_hub:
         from ..integrations.hub import push_export_to_hub

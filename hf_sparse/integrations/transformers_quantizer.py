@@ -1,6 +1,8 @@
 """Load hf_sparse exports with ``AutoModelForCausalLM.from_pretrained`` through transformers' quantizer registry.
 
-``import hf_sparse`` registers :class:`HfSparseConfig` / :class:`HfSparseQuantizer` as ``"hf_sparse"``.
+``import hf_sparse`` registers :class:`~hf_sparse.quantization.config.HfSparseConfig` (the one config that
+``hf_sparse.export`` takes and writes) / :class:`HfSparseHfQuantizer` as ``"hf_sparse"`` (transformers' naming:
+``GptqHfQuantizer``...; the Optimum quantizer is :class:`hf_sparse.optimum.HfSparseQuantizer`).
 Before weights load (model on the meta device) the quantizer checks the checkpoint headers against the
 format (names, shapes, dtypes, version, checksums) and swaps every target for a :class:`PackedNMLinear`
 whose buffers have exactly the stored shapes, so the packed tensors load straight into them: no dense
@@ -13,7 +15,6 @@ floating tensor is finite (one tensor at a time).
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any, Optional
 
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..format import (
     CHECKSUM_KEY,
@@ -29,69 +29,18 @@ from ..format import (
     QUANT_METHOD,
     SLORB_S,
     SLORB_X,
-    VALUES,
     FormatError,
     NMSpec,
     expected_tensors,
     positions_valid,
+    safetensors_dtype,
 )
 from ..modules import PackedNMLinear
+from ..quantization.config import HfSparseConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HfSparseConfig", "HfSparseQuantizer", "register_with_transformers", "FormatError"]
-
-
-class HfSparseConfig(QuantizationConfigMixin):
-    """``config.json["quantization_config"]`` of an hf_sparse export (see docs/format.md).
-
-    ``verify_checksums`` is a loading option (not saved): hash every shard's tensors against the checksum
-    the exporter wrote, to tell corruption from a format mismatch. It costs one extra read of the files;
-    set the environment variable ``HF_SPARSE_VERIFY_CHECKSUMS=0`` to skip it (transformers does not pass
-    loading options of third-party configs through ``from_pretrained``).
-    """
-
-    def __init__(
-        self,
-        n: int = 2,
-        m: int = 4,
-        bits: int = 16,
-        group_size: Optional[int] = None,
-        symmetric: bool = True,
-        values_dtype: str = "float16",
-        scale_dtype: str = "float16",
-        targets: Optional[list[str]] = None,
-        slorb: Optional[dict[str, Any]] = None,
-        format_version: Optional[int] = None,
-        verify_checksums: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        self.quant_method = QUANT_METHOD
-        if format_version is None:
-            raise FormatError("quantization_config has no `format_version`: not an hf_sparse export")
-        self.n, self.m, self.bits, self.group_size, self.symmetric = n, m, bits, group_size, symmetric
-        self.values_dtype, self.scale_dtype = values_dtype, scale_dtype
-        self.targets = list(targets or [])
-        self.slorb = slorb
-        self.format_version = format_version
-        self.verify_checksums = verify_checksums and os.environ.get("HF_SPARSE_VERIFY_CHECKSUMS", "1") != "0"
-        self.spec  # validates (version, pattern, bits, group size) with errors naming the field
-
-    @property
-    def spec(self) -> NMSpec:
-        return NMSpec(
-            n=self.n, m=self.m, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-            values_dtype=self.values_dtype, scale_dtype=self.scale_dtype, targets=list(self.targets),
-            slorb=self.slorb, format_version=self.format_version,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = self.spec.to_dict()
-        out["quant_method"] = QUANT_METHOD
-        return out
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
+__all__ = ["HfSparseConfig", "HfSparseHfQuantizer", "register_with_transformers", "FormatError"]
 
 
 def _read_headers(checkpoint_files: list[str], verify: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -107,7 +56,7 @@ def _read_headers(checkpoint_files: list[str], verify: bool) -> dict[str, tuple[
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
-                    header[key] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+                    header[key] = (tuple(sl.get_shape()), safetensors_dtype(sl.get_dtype(), key))
             ok = verify_checksum(file) if verify else None
         except FormatError:
             raise
@@ -267,16 +216,6 @@ def check_finite(model: nn.Module) -> None:
                 raise FormatError(f"{key} holds NaN/inf values: corrupted checkpoint; re-download or re-export it.")
 
 
-_ST_DTYPES = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
-}
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    return _ST_DTYPES.get(name, torch.uint8 if name.startswith("U") else torch.float32)
-
-
 def _linear_dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
@@ -303,7 +242,7 @@ def check_module_tensors(
             raise FormatError(f"{key}: dtype {got_dtype} does not match the format's {dtype}")
 
 
-class HfSparseQuantizer(HfQuantizer):
+class HfSparseHfQuantizer(HfQuantizer):
     """Swap targets for PackedNMLinear on the meta device; load packed tensors as they are; validate."""
 
     requires_calibration = True  # only pre-exported checkpoints load (export is hf_sparse.export)
@@ -392,5 +331,5 @@ def register_with_transformers() -> None:
     if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
         auto.register_quantization_config(QUANT_METHOD)(HfSparseConfig)
     if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
-        auto.register_quantizer(QUANT_METHOD)(HfSparseQuantizer)
+        auto.register_quantizer(QUANT_METHOD)(HfSparseHfQuantizer)
 

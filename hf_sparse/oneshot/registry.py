@@ -13,36 +13,24 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
+from ..registry import Registry
 from ..sparsity.nm import input_dim_of, validate_nm
 
 __all__ = ["OneShotPruner", "PRUNERS", "register_pruner", "get_pruner"]
 
-PRUNERS: dict[str, type["OneShotPruner"]] = {}
+_P = TypeVar("_P")
 
-_P = TypeVar("_P", bound=type["OneShotPruner"])
+PRUNERS = Registry("one-shot pruning method", argument="method", name_attribute="method")
 
 
 def register_pruner(name: str) -> Callable[[_P], _P]:
     """Class decorator: make a pruner available to :func:`hf_sparse.oneshot.prune_oneshot` as ``method=name``."""
-
-    def wrap(cls: _P) -> _P:
-        if name in PRUNERS and PRUNERS[name] is not cls:
-            raise ValueError(f"a one-shot pruner named {name!r} is already registered ({PRUNERS[name].__name__})")
-        cls.method = name
-        PRUNERS[name] = cls
-        return cls
-
-    return wrap
+    return PRUNERS.register(name)
 
 
 def get_pruner(name: str) -> type["OneShotPruner"]:
     """The pruner class registered as ``name``; the error lists the known methods."""
-    try:
-        return PRUNERS[name]
-    except KeyError:
-        raise ValueError(
-            f"argument `method`={name!r} is not a one-shot pruning method; choose one of {sorted(PRUNERS)}"
-        ) from None
+    return PRUNERS.get_entry(name)
 
 
 class OneShotPruner:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..format import NMSpec
+from .config import EXPORT_OPTIONS, HfSparseConfig
 from .gptq import pack_gptq
 from .registry import QUANTIZATION_METHODS, QuantizationMethod, get_quantization_method, register_quantization_method
 from .rtn import PackedWeight, pack_rtn, quantize_groups
@@ -20,6 +21,6 @@ def fake_quantize_weight(weight: torch.Tensor, mask: torch.Tensor, spec: NMSpec,
 
 
 __all__ = [
-    "PackedWeight", "QUANTIZATION_METHODS", "QuantizationMethod", "fake_quantize_weight", "get_quantization_method",
+    "EXPORT_OPTIONS", "HfSparseConfig", "PackedWeight", "QUANTIZATION_METHODS", "QuantizationMethod", "fake_quantize_weight", "get_quantization_method",
     "pack_gptq", "pack_rtn", "quantize_groups", "register_quantization_method",
 ]

@@ -12,6 +12,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 
 from ..format import NMSpec
+from ..registry import Registry
 from .gptq import pack_gptq
 from .rtn import PackedWeight, pack_rtn
 
@@ -29,30 +30,19 @@ class QuantizationMethod:
         raise NotImplementedError
 
 
-QUANTIZATION_METHODS: dict[str, type[QuantizationMethod]] = {}
+QUANTIZATION_METHODS = Registry("quantization method", argument="method", name_attribute="name")
 
-_Q = TypeVar("_Q", bound=type[QuantizationMethod])
+_Q = TypeVar("_Q")
 
 
 def register_quantization_method(name: str) -> Callable[[_Q], _Q]:
     """Class decorator: make a method available as ``hf_sparse.export(..., method=name)``."""
-
-    def wrap(cls: _Q) -> _Q:
-        if name in QUANTIZATION_METHODS and QUANTIZATION_METHODS[name] is not cls:
-            raise ValueError(f"a quantization method named {name!r} is already registered")
-        cls.name = name
-        QUANTIZATION_METHODS[name] = cls
-        return cls
-
-    return wrap
+    return QUANTIZATION_METHODS.register(name)
 
 
 def get_quantization_method(name: str) -> QuantizationMethod:
     """An instance of the method registered as ``name``; the error lists the known ones."""
-    try:
-        return QUANTIZATION_METHODS[name]()
-    except KeyError:
-        raise ValueError(f"argument `method` must be one of {sorted(QUANTIZATION_METHODS)}, got {name!r}") from None
+    return QUANTIZATION_METHODS.get_entry(name)()
 
 
 @register_quantization_method("rtn")
