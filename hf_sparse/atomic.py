@@ -25,10 +25,10 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 __all__ = [
-    "MARKER_NAME", "OutputDirectoryError", "atomic_directory", "atomic_write_json", "atomic_write_text",
+    "MARKER_NAME", "OutputDirectoryError", "atomic_directory", "atomic_write", "atomic_write_json", "atomic_write_text",
     "fsync_tree", "is_previous_output", "recover_interrupted",
 ]
 
@@ -59,21 +59,27 @@ def fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
-def atomic_write_text(text: str, path: PathLike) -> Path:
-    """``text`` written to a temp file beside ``path``, fsynced and renamed over it."""
+def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
+    """Run ``write(temp_path)`` (e.g. ``save_file``, ``fig.savefig``) on a temp file beside ``path``, fsync it, then
+    rename it over ``path``: readers see the old file or the new one, never half of one; a failure leaves no temp."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        _fsync_path(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return path
+
+
+def atomic_write_text(text: str, path: PathLike) -> Path:
+    """``text`` written atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(obj: object, path: PathLike, **dumps_kwargs) -> Path:

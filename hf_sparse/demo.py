@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from .atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -207,10 +208,8 @@ def write_chart(rows: list[dict[str, Any]], log_history: list[dict], path: Path)
     axes[2].set_xlabel("optimizer step")
     axes[2].set_title("AST distillation loss")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def print_table(rows: list[dict[str, Any]], dense_ppl: float) -> None:

@@ -61,23 +61,15 @@ class ReferenceLogprobs:
 
     def save(self, path: str) -> None:
         """Write a safetensors file (atomic: temp file + rename); the scalars go into its metadata."""
-        import os
-        import tempfile
-
         from safetensors.torch import save_file
+
+        from ..atomic import atomic_write
 
         tensors = {"input_ids": self.input_ids.contiguous(), "logprobs": self.logprobs.contiguous()}
         if self.token_ids is not None:
             tensors["token_ids"] = self.token_ids.contiguous()
         meta = {"max_length": str(self.max_length), "stride": str(self.stride), "temperature": repr(self.temperature)}
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str) -> "ReferenceLogprobs":

@@ -292,9 +292,7 @@ def load_for_export(path: Path) -> nn.Module:
                     if key.endswith("." + suffix):
                         slorb_tensors.setdefault(key[: -len(suffix) - 1], {})[suffix] = f.get_tensor(key)
     for name, tensors in slorb_tensors.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, child)
+        module = model.get_submodule(name)
         conv = isinstance(module, Conv1D)
         in_f, out_f = (module.weight.shape if conv else module.weight.shape[::-1])
         S = tensors[SLORB_S]
@@ -303,7 +301,7 @@ def load_for_export(path: Path) -> nn.Module:
             slorb.S.copy_(S)
             if SLORB_X in tensors:
                 slorb.X.copy_(tensors[SLORB_X])
-        setattr(parent, child, SparseLinear(module.weight, module.bias, slorb.to(module.weight.dtype), conv))
+        model.set_submodule(name, SparseLinear(module.weight, module.bias, slorb.to(module.weight.dtype), conv))
     model._hf_sparse_source_path = str(path)
     return model.eval()
 

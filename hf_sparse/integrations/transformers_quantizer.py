@@ -270,8 +270,7 @@ class HfSparseHfQuantizer(HfQuantizer):
                 check_module_tensors(name, spec, in_f, out_f, has_bias, header)
             dtype = module.weight.dtype if module.weight.is_floating_point() else torch.get_default_dtype()
             packed = PackedNMLinear(in_f, out_f, spec, bias=has_bias, device="meta", dtype=dtype, module_name=name)
-            parent_name, _, child = name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, child, packed)
+            model.set_submodule(name, packed)
         if header is not None:
             check_stray_packed_tensors(spec.targets, header.keys())
             check_missing_tensors(model, header.keys(), self)
@@ -311,8 +310,7 @@ class HfSparseHfQuantizer(HfQuantizer):
             new: nn.Module = dense
             if module.slorb is not None:
                 new = SparseLinear(dense.weight, dense.bias, module.slorb, fan_in_fan_out=False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            model.set_submodule(name, new)
         return model
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+
+from ..atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def default_cache_path() -> Path:
 
 
 class AutotuneCache:
-    """A JSON file of decisions keyed by :class:`TuneKey`; every write is temp file + ``os.replace``."""
+    """A JSON file of decisions keyed by :class:`TuneKey`; every write is atomic (:func:`hf_sparse.atomic.atomic_write_json`)."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else default_cache_path()
@@ -137,15 +138,7 @@ class AutotuneCache:
             entries[str(key)] = record
             self._entries = entries
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    json.dump({"version": CACHE_VERSION, "entries": entries}, fh, indent=1, sort_keys=True)
-                os.replace(tmp, self.path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            atomic_write_json({"version": CACHE_VERSION, "entries": entries}, self.path, indent=1, sort_keys=True)
 
 
 def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, reps: int = 10) -> float:
