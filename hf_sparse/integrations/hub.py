@@ -1,7 +1,8 @@
 """Model cards and the Hub upload of an export.
 
 Every export gets a ``README.md`` rendered with :class:`huggingface_hub.ModelCard` from
-``model_cards/hf_sparse_model_card.md``. :data:`UPLOAD_ALLOW_PATTERNS` / :data:`UPLOAD_IGNORE_PATTERNS`
+``hf_sparse/templates/model_card.md`` (package data, read with :mod:`importlib.resources`, so a wheel
+install can export). :data:`UPLOAD_ALLOW_PATTERNS` / :data:`UPLOAD_IGNORE_PATTERNS`
 define exactly what ``hf-sparse export --push-to-hub`` uploads; :func:`upload_file_set` computes that set
 with huggingface_hub's own filter (the one ``upload_folder`` applies), so it can be checked offline.
 """
@@ -9,6 +10,7 @@ with huggingface_hub's own filter (the one ``upload_folder`` applies), so it can
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +22,7 @@ from ..format import NMSpec
 
 __all__ = [
     "TEMPLATE_PATH",
+    "read_template",
     "UPLOAD_ALLOW_PATTERNS",
     "UPLOAD_IGNORE_PATTERNS",
     "render_model_card",
@@ -31,7 +34,14 @@ __all__ = [
     "create_model_card_for_trainer",
 ]
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "hf_sparse_model_card.md"
+# the card template ships inside the package (pyproject: [tool.setuptools.package-data])
+_TEMPLATE = resources.files("hf_sparse").joinpath("templates", "model_card.md")
+TEMPLATE_PATH = Path(str(_TEMPLATE))  # a real file for ordinary installs; read it with read_template()
+
+
+def read_template() -> str:
+    """The default model-card template (Jinja2 Markdown) shipped with the package."""
+    return _TEMPLATE.read_text(encoding="utf-8")
 
 UPLOAD_ALLOW_PATTERNS = [
     "*.safetensors",
@@ -93,7 +103,8 @@ def render_model_card(
         token_budget = f"{token_budget:,}"
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path or TEMPLATE_PATH),
+        template_path=str(template_path) if template_path else None,
+        template_str=None if template_path else read_template(),
         model_name=model_name or (repo_id.split("/")[-1] if repo_id else f"{Path(str(base_model or 'model')).name}-{spec.n}of{spec.m}-sparse"),
         n=spec.n,
         m=spec.m,
