@@ -27,6 +27,7 @@ from ..quantization.config import HfSparseConfig
 from ..sparsity.nm import is_nm_sparse, nm_mask
 from ..targets import TargetSelector, matches
 from ..tuners.ast.layer import ASTLayer
+from .model_card import write_model_card
 from .writer import write_json, write_shards
 
 logger = logging.getLogger(__name__)
@@ -388,8 +389,6 @@ def export(
         card.setdefault("method", config.method if spec.bits < 16 else "rtn")
         if card.get("recipe") is not None:
             write_json(card["recipe"], tmp / "hf_sparse_recipe.json")
-        from ..integrations.hub import write_model_card
-
         write_model_card(tmp, spec, model_config, **card)
     return Path(out_dir)
 

@@ -22,6 +22,7 @@ from ..atomic import atomic_directory, check_output_directory
 from ..format import NMSpec
 from ..quantization.config import HfSparseConfig
 from .api import dense_state_dict, pack_sources, prepare_export, source_paths
+from .model_card import write_model_card
 from .writer import write_shards
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ def export_compressed_tensors(
         generation_config = getattr(inner, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
-        from ..integrations.hub import write_model_card
-
         card = dict(card or {})
         card.setdefault("method", method)
         write_model_card(tmp, spec, config, **card)

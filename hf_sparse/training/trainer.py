@@ -237,7 +237,7 @@ class ASTTrainer(Trainer):
 
         Otherwise the Trainer's own card is written, tagged ``hf_sparse`` and ``2:4-sparse``.
         """
-        from ..integrations.hub import create_model_card_for_trainer
+        from ..exporters.model_card import create_model_card_for_trainer
 
         if create_model_card_for_trainer(self, **kwargs):
             return

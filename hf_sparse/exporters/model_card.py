@@ -1,0 +1,120 @@
+"""Model cards of exports: every export gets a ``README.md`` rendered with :class:`huggingface_hub.ModelCard` from
+``hf_sparse/templates/model_card.md`` (package data, read with :mod:`importlib.resources`, so a wheel install can
+export). ``ASTTrainer.create_model_card`` uses :func:`create_model_card_for_trainer` so ``Trainer.push_to_hub()`` keeps
+the export's card.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..format import NMSpec
+
+__all__ = ["TEMPLATE_PATH", "create_model_card_for_trainer", "read_template", "render_model_card", "write_model_card"]
+
+# the card template ships inside the package (pyproject: [tool.setuptools.package-data])
+_TEMPLATE = resources.files("hf_sparse").joinpath("templates", "model_card.md")
+TEMPLATE_PATH = Path(str(_TEMPLATE))  # a real file for ordinary installs; read it with read_template()
+
+
+def read_template() -> str:
+    """The default model-card template (Jinja2 Markdown) shipped with the package."""
+    return _TEMPLATE.read_text(encoding="utf-8")
+
+
+def render_model_card(
+    spec: NMSpec,
+    config: Any = None,
+    base_model: Optional[str] = None,
+    recipe: Optional[Any] = None,
+    token_budget: Optional[int | str] = None,
+    evaluation: Optional[list[dict[str, Any]]] = None,
+    method: str = "rtn",
+    repo_id: Optional[str] = None,
+    model_name: Optional[str] = None,
+    license: Optional[str] = None,
+    template_path: Optional[str | Path] = None,
+) -> ModelCard:
+    """Render the card. ``evaluation``: rows ``{"metric": ..., "dense": ..., "sparse": ...}``."""
+    architecture = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+    base_model = base_model or getattr(config, "_name_or_path", None) or None
+    tags = ["hf_sparse", f"{spec.n}:{spec.m}-sparsity", "semi-structured-sparsity"]
+    if spec.bits < 16:
+        tags.append(f"int{spec.bits}")
+    card_data = ModelCardData(
+        library_name="transformers",
+        tags=tags,
+        base_model=base_model if base_model and "/" in str(base_model) and not Path(str(base_model)).exists() else None,
+        license=license,
+        pipeline_tag="text-generation",
+    )
+    if isinstance(recipe, (dict, list)):
+        recipe_text = yaml.safe_dump(recipe, sort_keys=False).strip()
+    else:
+        recipe_text = str(recipe).strip() if recipe else None
+    group_desc = "per-channel scales" if spec.group_size is None else f"group size {spec.group_size}"
+    slorb_desc = "none" if spec.slorb is None else f"k={spec.slorb['group_size']}" + (
+        ", trained projection" if spec.slorb.get("train_projection") else ""
+    )
+    if token_budget is not None and isinstance(token_budget, int):
+        token_budget = f"{token_budget:,}"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path) if template_path else None,
+        template_str=None if template_path else read_template(),
+        model_name=model_name or (repo_id.split("/")[-1] if repo_id else f"{Path(str(base_model or 'model')).name}-{spec.n}of{spec.m}-sparse"),
+        n=spec.n,
+        m=spec.m,
+        bits=spec.bits,
+        symmetric=spec.symmetric,
+        values_dtype=spec.values_dtype,
+        group_desc=group_desc,
+        method=method,
+        num_targets=len(spec.targets),
+        slorb_desc=slorb_desc,
+        architecture=architecture,
+        base_model=base_model,
+        recipe=recipe_text,
+        token_budget=token_budget,
+        evaluation=evaluation or [],
+        format_version=spec.format_version,
+        repo_id=repo_id,
+    )
+
+
+def write_model_card(directory: str | Path, spec: NMSpec, config: Any = None, **fields: Any) -> Path:
+    """Render the card into ``directory/README.md`` (called by every export)."""
+    path = Path(directory) / "README.md"
+    render_model_card(spec, config, **fields).save(str(path))
+    return path
+
+
+def create_model_card_for_trainer(trainer: Any, **fields: Any) -> bool:
+    """Render the hf_sparse card into ``trainer.args.output_dir`` when it holds an hf_sparse export.
+
+    ``Trainer.push_to_hub()`` calls ``create_model_card()``, which would overwrite the export's card with the
+    generic one; a trainer overrides ``create_model_card`` to call this first (and falls back to
+    ``super().create_model_card`` when it returns False). The token budget defaults to the trainer's
+    ``state.num_input_tokens_seen`` (when tracked).
+    """
+    out = Path(trainer.args.output_dir)
+    config_path = out / "config.json"
+    if not config_path.exists():
+        return False
+    config = json.loads(config_path.read_text())
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "hf_sparse":
+        return False
+    spec = NMSpec.from_dict(qc)
+    tokens = getattr(getattr(trainer, "state", None), "num_input_tokens_seen", 0) or None
+    fields.setdefault("token_budget", tokens)
+    fields.setdefault("base_model", config.get("_name_or_path") or None)
+    known = {"base_model", "recipe", "token_budget", "evaluation", "method", "repo_id", "model_name", "license", "template_path"}
+    write_model_card(out, spec, None, **{k: v for k, v in fields.items() if k in known})
+    return True
