@@ -7,6 +7,7 @@ from .sparsity import is_nm_sparse, nm_mask
 from .tuners.ast import ASTConfig, ASTModel, register_ast_with_peft
 from .tuners.masked_lora_merge import merge_lora_keep_mask
 from .exporters import export, fake_quantize
+from .quantization.config import HfSparseConfig
 from .integrations.transformers_quantizer import register_with_transformers
 
 register_ast_with_peft()
@@ -42,6 +43,7 @@ __all__ = [
     *_TRAINING_NAMES,
     "ASTConfig",
     "ASTModel",
+    "HfSparseConfig",
     "export",
     "fake_quantize",
     "is_nm_sparse",
