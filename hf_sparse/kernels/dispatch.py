@@ -124,7 +124,8 @@ def _disk_cache() -> autotune.AutotuneCache:
     return _DISK_CACHE[0]
 
 
-def _variant(module: "PackedNMLinear") -> str:
+def _storage_format_key(module: "PackedNMLinear") -> str:
+    """The stored format as an autotune-cache key part, e.g. ``2:4-w4g128s-b0`` (kernels are timed per format)."""
     s = module.spec
     group = "pc" if s.group_size is None else f"g{s.group_size}"
     quant = s.values_dtype if s.bits == 16 else f"w{s.bits}{group}{'s' if s.symmetric else 'a'}"
@@ -150,7 +151,7 @@ def choose_path(module: "PackedNMLinear", x: torch.Tensor) -> str:
     else:
         key = autotune.TuneKey(
             autotune.device_name(x.device), module.out_features, module.in_features, bucket,
-            str(x.dtype).removeprefix("torch."), _variant(module) + ("-grad" if needs_grad else ""),
+            str(x.dtype).removeprefix("torch."), _storage_format_key(module) + ("-grad" if needs_grad else ""),
         )
         try:
             choice = autotune.select_backend(
@@ -234,7 +235,7 @@ def _triton_config(module: "PackedNMLinear", x: torch.Tensor):
     cfg = default_config(bucket, n, k)
     if x.device.type == "cuda" and os.environ.get(autotune.ENV_AUTOTUNE, "1") != "0":
         key = autotune.TuneKey(
-            autotune.device_name(x.device), n, k, bucket, str(x.dtype).removeprefix("torch."), _variant(module) + "|triton-config"
+            autotune.device_name(x.device), n, k, bucket, str(x.dtype).removeprefix("torch."), _storage_format_key(module) + "|triton-config"
         )
         cache = _disk_cache()
         record = cache.get(key)

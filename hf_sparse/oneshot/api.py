@@ -69,14 +69,14 @@ def prune_oneshot(
     """
     pruner_cls = get_pruner(method)
     targets = select_targets(model, target_modules, exclude_modules, n, m)
-    make = lambda module, name: pruner_cls(module, name, n, m)  # noqa: E731
+    new_pruner = lambda module, name: pruner_cls(module, name, n, m)  # noqa: E731
     if not pruner_cls.needs_calibration:
         masks = {}
         for name, module in targets.items():
-            pruner = make(module, name)
+            pruner = new_pruner(module, name)
             masks[name] = pruner.prune()
         return masks
     if calibration_ids is None:
         raise ValueError(f"method={method!r} needs calibration data: pass argument `calibration_ids` (token ids)")
     batches = as_batches(calibration_ids, batch_size)
-    return prune_sequential(model, targets, make, batches, device=device, progress=progress)
+    return prune_sequential(model, targets, new_pruner, batches, device=device, progress=progress)

@@ -56,7 +56,7 @@ def initialize_ast_masks(
         raise ValueError("initialize_ast_masks: the model has no AST layers")
     bases = {name: layer.get_base_layer() for name, layer in layers.items()}
     n, m = config.n, config.m
-    make = lambda module, name: pruner_cls(module, name, n, m)  # noqa: E731
+    new_pruner = lambda module, name: pruner_cls(module, name, n, m)  # noqa: E731
     previous = {name: layer._disable_adapters for name, layer in layers.items()}
     for layer in layers.values():  # layers run dense; processed ones hold their pruned weights meanwhile
         layer._disable_adapters = True
@@ -66,13 +66,13 @@ def initialize_ast_masks(
                 raise ValueError(f"mask_init={method!r} needs calibration data: pass argument `calibration_ids`")
             batches = as_batches(calibration_ids, batch_size)
             masks = prune_sequential(
-                ast_model.model, bases, make, batches, device=device, restore_pruned=True, progress=progress
+                ast_model.model, bases, new_pruner, batches, device=device, restore_pruned=True, progress=progress
             )
         else:
             masks = {}
             for name, base in bases.items():
                 original = base.weight.detach().clone()
-                masks[name] = make(base, name).prune()
+                masks[name] = new_pruner(base, name).prune()
                 base.weight.data.copy_(original)
     finally:
         for name, layer in layers.items():
