@@ -9,33 +9,12 @@ from __future__ import annotations
 
 import sys
 
+from .evaluation import chat as _chat
+from .evaluation.chat import *  # noqa: F401,F403
+from .evaluation.chat import QUESTIONS_FILE, TEACHER_ANSWERS_FILE, TRAIN_PROMPTS_FILE, _trim_unfinished, normalize  # noqa: F401
 from .evaluation.chat_cli import main
-from .evaluation.chat import (
-    QUESTIONS_FILE,
-    TEACHER_ANSWERS_FILE,
-    TRAIN_PROMPTS_FILE,
-    _trim_unfinished,
-    answer_matches,
-    chat_accuracy,
-    generate_chat_answers,
-    load_questions,
-    load_teacher_answers,
-    load_train_prompts,
-    normalize,
-    teacher_chat_conversations,
-    teacher_chat_texts,
-)
 
-__all__ = [
-    "answer_matches",
-    "chat_accuracy",
-    "generate_chat_answers",
-    "load_questions",
-    "load_teacher_answers",
-    "load_train_prompts",
-    "teacher_chat_conversations",
-    "teacher_chat_texts",
-]
+__all__ = list(_chat.__all__)
 
 if __name__ == "__main__":
     sys.exit(main())
