@@ -170,7 +170,7 @@ def ast_student(dense, pruned, masks: dict[str, torch.Tensor], ast_config, prune
     """
     from peft import get_peft_model
 
-    from .oneshot import set_ast_masks
+    from .training import set_ast_masks
 
     if pruned_init not in ("oneshot", "dense"):
         raise ValueError(f"ast_student: argument `pruned_init` must be 'oneshot' or 'dense', got {pruned_init!r}")

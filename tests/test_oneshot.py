@@ -16,19 +16,17 @@ from transformers.pytorch_utils import Conv1D
 from hf_sparse import ASTConfig
 from hf_sparse.oneshot import (
     PRUNERS,
-    ASTOneShotInitCallback,
-    ast_masks_need_init,
     WandaPruner,
     as_batches,
     calibration_ids_from_text,
     get_pruner,
-    initialize_ast_masks,
     prune_oneshot,
     register_pruner,
     select_targets,
 )
 from hf_sparse.sparsity.nm import input_dim_of, nm_violations
-from hf_sparse.training.callbacks import find_ast_model
+from hf_sparse.training import ASTOneShotInitCallback, ast_masks_need_init, initialize_ast_masks
+from hf_sparse.tuners.ast import find_ast_model
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 

@@ -3,10 +3,12 @@
 from .arguments import ASTTrainingArguments
 from .callbacks import ASTMaskCallback, ASTPlotCallback, add_ast_callbacks, masked_decay_lambda
 from .distill import distillation_loss_sums
+from .mask_init import ASTOneShotInitCallback, ast_masks_need_init, initialize_ast_masks, set_ast_masks
 from .optim import MaskedDecayAdamW
 from .trainer import ASTTrainer, NonFiniteLossError, prepare_ast_model
 
 __all__ = [
+    "ASTOneShotInitCallback",
     "ASTMaskCallback",
     "ASTPlotCallback",
     "ASTTrainer",
@@ -14,7 +16,10 @@ __all__ = [
     "MaskedDecayAdamW",
     "NonFiniteLossError",
     "add_ast_callbacks",
+    "ast_masks_need_init",
     "distillation_loss_sums",
+    "initialize_ast_masks",
     "masked_decay_lambda",
     "prepare_ast_model",
+    "set_ast_masks",
 ]

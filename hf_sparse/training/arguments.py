@@ -31,8 +31,9 @@ class ASTTrainingArguments(TrainingArguments):
         ast_masked_decay_optimizer: build the paper's masked-decay AdamW by default (decay of pruned weights kept
             out of the first moment). ``False`` uses the Trainer's optimizer and adds the decay to the gradient.
         ast_plot: write ``ast_training.png`` (loss, flip rate, λ vs step) into ``output_dir`` at the end.
-        ast_stop_on_nonfinite_loss: stop with :class:`NonFiniteLossError` (before the optimizer step, so the last
-            checkpoint stays the last good state) when the loss is NaN/inf.
+        ast_stop_on_nonfinite_loss: stop with :class:`NonFiniteLossError` when the loss or the gradient norm is
+            NaN/inf (before the optimizer step: no update is applied) or the weights are (before a checkpoint is
+            written: no checkpoint ever holds a NaN); the error names the last complete, finite checkpoint.
         ast_calibration_samples: with ``ASTConfig(mask_init="wanda"|"sparsegpt")``, the first this many sequences
             of the train dataloader calibrate the one-shot initial mask (once, at the start of a fresh run).
     """
@@ -43,7 +44,7 @@ class ASTTrainingArguments(TrainingArguments):
     teacher_device: Optional[str] = field(default=None, metadata={"help": "teacher device; default training device"})
     ast_masked_decay_optimizer: bool = field(default=True, metadata={"help": "use the masked-decay AdamW"})
     ast_plot: bool = field(default=True, metadata={"help": "write ast_training.png at train end"})
-    ast_stop_on_nonfinite_loss: bool = field(default=True, metadata={"help": "stop on NaN/inf loss"})
+    ast_stop_on_nonfinite_loss: bool = field(default=True, metadata={"help": "stop on NaN/inf loss, grad norm or weights"})
     ast_calibration_samples: int = field(
         default=32, metadata={"help": "train sequences used to calibrate mask_init='wanda'/'sparsegpt'"}
     )

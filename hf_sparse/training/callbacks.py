@@ -28,7 +28,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..sparsity.scores import activation_scaled_score, magnitude_score
 from ..tuners.ast.config import ASTConfig
+from ..tuners.ast.model import find_ast_model  # noqa: F401  (re-exported: it lived here)
 from .optim import MaskedDecayAdamW, unwrap_optimizer
+from .plots import PLOT_FILE, plot_training
 
 logger = logging.getLogger(__name__)
 
@@ -43,25 +45,6 @@ __all__ = [
 ]
 
 AST_STATE_FILE = "ast_state.safetensors"
-PLOT_FILE = "ast_training.png"
-
-
-def find_ast_model(model: nn.Module) -> tuple[Any, ASTConfig]:
-    """The ASTModel (PEFT tuner) inside ``model`` (a PeftModel, possibly wrapped by DDP) and its config."""
-    from ..tuners.ast.model import ASTModel
-
-    seen = model
-    while hasattr(seen, "module") and not isinstance(seen, ASTModel):  # DDP / accelerate wrappers
-        seen = seen.module
-    if not isinstance(seen, ASTModel):
-        seen = getattr(seen, "base_model", None)
-    if not isinstance(seen, ASTModel):
-        raise TypeError(
-            f"AST callbacks need an AST PEFT model (peft.get_peft_model(model, hf_sparse.ASTConfig())), "
-            f"got {type(model).__name__}"
-        )
-    config = next(iter(seen.peft_config.values()))
-    return seen, config
 
 
 def masked_decay_lambda(step: int, peak: float, ramp_steps: int) -> float:
@@ -102,6 +85,7 @@ class ASTMaskCallback(TrainerCallback):
         self._hooks: list[Any] = []
         self._last_input: Optional[tuple[weakref.ref, torch.Tensor]] = None
         self._uses_optimizer_decay = False
+        self._saved_step: Optional[int] = None  # step whose state ASTTrainer wrote into its staged checkpoint
 
     # ---- setup ----
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -241,18 +225,25 @@ class ASTMaskCallback(TrainerCallback):
 
     # ---- checkpoint/resume ----
     def on_save(self, args, state, control, **kwargs: Any):
-        if self.ast_model is None:
+        if self._saved_step == state.global_step:  # ASTTrainer already wrote it inside its atomic checkpoint
             return control
+        self.save_state(args, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        return control
+
+    def save_state(self, args: TrainingArguments, folder: str) -> None:
+        """Write the AST counters and running activation norms into the checkpoint ``folder``.
+
+        Every rank must call it (under DDP the ranks' norms are summed); the main process writes the file.
+        """
+        if self.ast_model is None:
+            return
         input_sq = self._input_sq
-        if _is_dist() and input_sq:  # every rank calls on_save: save the ranks' sum (what _scores would use)
+        if _is_dist() and input_sq:  # save the ranks' sum (what _scores would use)
             input_sq = {k: v.clone() for k, v in sorted(input_sq.items())}
             for v in input_sq.values():
                 torch.distributed.all_reduce(v)
-        if not args.should_save:
-            return control
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(folder):
-            return control
+        if not args.should_save or not os.path.isdir(folder):
+            return
         tensors = {f"input_sq.{k}": v.detach().cpu().contiguous() for k, v in input_sq.items()}
         meta = {
             "current_lambda": json.dumps(self.current_lambda),
@@ -263,7 +254,6 @@ class ASTMaskCallback(TrainerCallback):
         tmp = os.path.join(folder, AST_STATE_FILE + ".tmp")
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, os.path.join(folder, AST_STATE_FILE))
-        return control
 
     def _load_state(self, folder: str) -> None:
         path = os.path.join(folder, AST_STATE_FILE)
@@ -308,47 +298,13 @@ class ASTPlotCallback(TrainerCallback):
         return control
 
 
-def plot_training(log_history: list[dict], output_dir: str) -> str:
-    """Plot loss, flip rates and λ from ``log_history`` into ``output_dir/ast_training.png`` (atomic write)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def series(key: str) -> tuple[list, list]:
-        rows = [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
-        return [r[0] for r in rows], [r[1] for r in rows]
-
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    axes[0].plot(*series("loss"), label="train loss")
-    if series("eval_loss")[0]:
-        axes[0].plot(*series("eval_loss"), label="eval loss")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    axes[1].plot(*series("ast/flip_rate"), label="vs previous mask")
-    axes[1].plot(*series("ast/flip_rate_vs_initial"), label="vs initial mask")
-    axes[1].set_ylabel("flip rate")
-    axes[1].legend()
-    axes[2].plot(*series("ast/lambda"))
-    axes[2].set_ylabel("masked decay λ")
-    axes[2].set_xlabel("optimizer step")
-    fig.suptitle("AST training")
-    fig.tight_layout()
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, PLOT_FILE)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def add_ast_callbacks(trainer: Any, config: Optional[ASTConfig] = None, plot: bool = True) -> ASTMaskCallback:
-    """Attach the AST callbacks to any Trainer; the mask callback goes first so reporters see its metrics.
+    """Attach the AST callbacks to any Trainer (ASTTrainer calls this too: the one place they are wired).
 
-    The one-shot mask initialiser (``ASTConfig.mask_init="wanda"|"sparsegpt"``) goes before it, as in ASTTrainer.
+    Order: the one-shot mask initialiser (``ASTConfig.mask_init="wanda"|"sparsegpt"``), then the mask callback, both
+    before every other callback so reporters see the AST metrics; the plot callback last.
     """
-    from ..oneshot.ast_init import ASTOneShotInitCallback
+    from .mask_init import ASTOneShotInitCallback
 
     callback = ASTMaskCallback(config)
     trainer.callback_handler.callbacks.insert(0, callback)

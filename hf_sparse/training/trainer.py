@@ -10,24 +10,38 @@ Turning a Trainer script into AST is two renames plus a teacher::
 - The teacher is kept on the trainer, not in the model: it never reaches the optimizer, checkpoints or the Hub.
 - Loss = α·T²·KL(teacher‖student) + (1−α)·CE over real tokens (labels −100 and padding excluded), summed and
   divided by the token count of the whole accumulated batch, so gradient accumulation and DDP are exact.
+- NaN/inf guard (``ast_stop_on_nonfinite_loss``): a non-finite loss or gradient norm stops training before the
+  optimizer step (no update applied), and non-finite weights stop it before a checkpoint is written; the error
+  names the last checkpoint that is complete and finite on disk (:func:`last_intact_checkpoint`).
+- Checkpoints are atomic: written into ``_checkpoint-N.tmp/`` beside the others and renamed to ``checkpoint-N``
+  when complete (the AST state file included); leftovers of a killed save are cleaned at the next start or save,
+  and ``train(resume_from_checkpoint=True)`` takes the last *complete* checkpoint (:func:`last_complete_checkpoint`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any, Optional, Union
 
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..oneshot.ast_init import ASTOneShotInitCallback
 from ..tuners.ast.config import ASTConfig
 from .arguments import ASTTrainingArguments
-from .callbacks import ASTMaskCallback, ASTPlotCallback, find_ast_model
+from .checkpoints import (
+    clean_interrupted_checkpoints,
+    commit_checkpoint,
+    last_complete_checkpoint,
+    last_intact_checkpoint,
+)
+from ..tuners.ast.model import find_ast_model
+from .callbacks import add_ast_callbacks
 from .distill import IGNORE_INDEX, distillation_loss_sums
 from .optim import MaskedDecayAdamW
 
@@ -37,7 +51,9 @@ __all__ = ["ASTTrainer", "NonFiniteLossError", "prepare_ast_model"]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss became NaN or inf (raised before the optimizer step)."""
+    """Training stopped on a NaN/inf: the loss or the gradient norm (raised before the optimizer step, so no update
+    is applied), or the weights (raised before the checkpoint is written). The message names the last checkpoint
+    that is complete and finite on disk."""
 
 
 def _is_ast_peft_model(model: nn.Module) -> bool:
@@ -121,13 +137,25 @@ class ASTTrainer(Trainer):
         # our loss always needs the token count of the accumulated batch, counted over shifted labels
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self.ast_callback = ASTMaskCallback()
-        self.callback_handler.callbacks.insert(0, self.ast_callback)  # before reporters: they see AST metrics
-        self.callback_handler.callbacks.insert(0, ASTPlotCallback()) if args.ast_plot else None
-        # ASTConfig(mask_init="wanda"/"sparsegpt"): one-shot masks at the start of a fresh run, before the above
-        self.callback_handler.callbacks.insert(0, ASTOneShotInitCallback())
+        self.ast_callback = add_ast_callbacks(self, plot=args.ast_plot)
         self._nonfinite_in_window = False
         self._loss_parts = {"ce": 0.0, "kl": 0.0, "tokens": 0}
+        self._staging_root: Optional[str] = None  # set while a checkpoint is being written (see _save_checkpoint)
+        self._deferred_push = False
+
+    # ---- resume from the last *complete* checkpoint; clean what a killed save left ----
+    def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, trial: Any = None,
+              ignore_keys_for_eval: Optional[list[str]] = None, **kwargs: Any):
+        output_dir = self.args.output_dir
+        if self.args.should_save and os.path.isdir(output_dir):
+            clean_interrupted_checkpoints(output_dir)
+        self.accelerator.wait_for_everyone()  # every rank then sees the same checkpoints
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            resume_from_checkpoint = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     # ---- optimizer: the paper's masked-decay AdamW by default ----
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
@@ -210,18 +238,107 @@ class ASTTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.args.ast_stop_on_nonfinite_loss and self.accelerator.sync_gradients:
-            bad = torch.tensor(float(self._nonfinite_in_window), device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                bad = self.accelerator.reduce(bad, reduction="sum")
+            bad = self._all_ranks_any(self._nonfinite_in_window)
             self._nonfinite_in_window = False
-            if bool(bad > 0):
-                last = get_last_checkpoint(self.args.output_dir) if _isdir(self.args.output_dir) else None
-                raise NonFiniteLossError(
-                    f"ASTTrainer: the training loss became NaN/inf at optimizer step {self.state.global_step + 1}; "
-                    f"stopped before the optimizer step. Last checkpoint (intact): {last or 'none saved yet'}. "
-                    "Lower the learning rate, check the data, or resume from that checkpoint."
+            if bad:
+                raise self._nonfinite_error(
+                    f"the training loss became NaN/inf at optimizer step {self.state.global_step + 1}; stopped "
+                    "before the optimizer step (no update applied)"
                 )
         return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        """The Trainer's gradient norm (computed, and clipped, right before ``optimizer.step()``): a NaN/inf norm
+        stops training before the update is applied. Under fp16 with a GradScaler an inf norm is the scaler's
+        business (it skips that step and lowers the scale), so it is left to it."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.args.ast_stop_on_nonfinite_loss and grad_norm is not None and self.accelerator.scaler is None:
+            finite = torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32).detach()).all()
+            if self._all_ranks_any(~finite):
+                raise self._nonfinite_error(
+                    f"the gradient norm became NaN/inf at optimizer step {self.state.global_step + 1} (the loss was "
+                    "finite); stopped before the optimizer step (no update applied)"
+                )
+        return grad_norm
+
+    def _check_weights_finite(self, run_dir: str) -> None:
+        device = self.args.device
+        flags = [torch.isfinite(p.detach()).all().to(device) for p in self.model.parameters() if p.is_floating_point()]
+        if self._all_ranks_any(~torch.stack(flags).all() if flags else False):
+            step = self.state.global_step
+            raise self._nonfinite_error(
+                f"the weights became NaN/inf after optimizer step {step}; {PREFIX_CHECKPOINT_DIR}-{step} was not "
+                "written", run_dir,
+            )
+
+    def _all_ranks_any(self, flag: Union[bool, torch.Tensor]) -> bool:
+        """True when ``flag`` is true on any rank (one all-reduce under DDP, so every rank takes the same branch)."""
+        bad = torch.as_tensor(flag, dtype=torch.float32).to(self.args.device).reshape(())
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bool(bad > 0)
+
+    def _nonfinite_error(self, what: str, run_dir: Optional[str] = None) -> NonFiniteLossError:
+        run_dir = run_dir or self.args.output_dir
+        last = last_intact_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+        return NonFiniteLossError(
+            f"ASTTrainer: {what}. Last intact checkpoint (complete, finite weights): {last or 'none'}. "
+            "Lower the learning rate, check the data, or resume from that checkpoint."
+        )
+
+    # ---- atomic checkpoints: written into _checkpoint-N.tmp/checkpoint-N, renamed into place when complete ----
+    def _get_output_dir(self, trial: Any) -> str:
+        # while a checkpoint is written, the Trainer's own _save_checkpoint writes into the staging folder
+        return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._staging_root is not None:  # the hub upload runs in the background: push the final folder instead
+            self._deferred_push = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written atomically and only with finite weights.
+
+        ``Trainer._save_checkpoint`` writes everything (model, optimizer, scheduler, RNG states of every rank,
+        trainer state) into ``run_dir/_checkpoint-N.tmp/checkpoint-N``; the AST state file follows; then the main
+        process renames it to ``run_dir/checkpoint-N`` (other ranks wait) and rotates (``save_total_limit``).
+        """
+        step = self.state.global_step
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.args.ast_stop_on_nonfinite_loss:
+            self._check_weights_finite(run_dir)
+        staging = os.path.join(run_dir, f"_{name}.tmp")
+        staged = os.path.join(staging, name)
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            os.makedirs(run_dir, exist_ok=True)
+            clean_interrupted_checkpoints(run_dir)  # includes a stale staging folder of this very step
+            os.makedirs(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging_root, self._deferred_push = staging, False
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.ast_callback in self.callback_handler.callbacks:  # part of the checkpoint: inside the rename
+                self.ast_callback.save_state(self.args, staged)
+                self.ast_callback._saved_step = step
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.dirname(os.path.normpath(best)) == os.path.normpath(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))  # the real path
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()  # all ranks' files (rng_state_<rank>.pth) are in
+        if self.args.should_save:
+            commit_checkpoint(staged, final)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()  # on_save callbacks of every rank see checkpoint-N
+        if self._deferred_push:
+            self._deferred_push = False
+            super()._push_from_checkpoint(final)
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._loss_parts["tokens"]:
@@ -245,12 +362,6 @@ class ASTTrainer(Trainer):
         tags = [tags] if isinstance(tags, str) else list(tags)
         kwargs["tags"] = tags + [t for t in ("hf_sparse", "2:4-sparse", "ast") if t not in tags]
         super().create_model_card(**kwargs)
-
-
-def _isdir(path: str) -> bool:
-    import os
-
-    return os.path.isdir(path)
 
 
 def _init_fields(args: Any) -> set[str]:

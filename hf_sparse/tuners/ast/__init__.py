@@ -3,7 +3,7 @@
 from .config import AST_PEFT_TYPE, ASTConfig
 from ...modules import SLoRB, SparseLinear  # re-exported: they were defined here before hf_sparse.modules
 from .layer import ASTLayer, MaskUpdate, masked_decay_term, masked_weight_ste
-from .model import ASTModel, resolve_targets
+from .model import ASTModel, find_ast_model, resolve_targets
 
 
 def register_ast_with_peft() -> None:
@@ -27,6 +27,7 @@ __all__ = [
     "MaskUpdate",
     "SLoRB",
     "SparseLinear",
+    "find_ast_model",
     "masked_decay_term",
     "masked_weight_ste",
     "register_ast_with_peft",

@@ -165,3 +165,19 @@ class ASTModel(BaseTuner):
                 weight.grad = term.to(weight.dtype) if weight.grad is None else weight.grad.add_(term.to(weight.grad.dtype))
             else:
                 weight.data.sub_(term.to(weight.dtype))
+
+
+def find_ast_model(model: nn.Module) -> tuple["ASTModel", ASTConfig]:
+    """The ASTModel (PEFT tuner) inside ``model`` and its config: ``model`` is a PeftModel (``.base_model`` is the
+    tuner, as PEFT's ``get_base_model`` convention has it), the tuner itself, or either wrapped by DDP/accelerate
+    (unwrapped with accelerate's ``extract_model_from_parallel``)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    tuner = inner if isinstance(inner, ASTModel) else getattr(inner, "base_model", None)
+    if not isinstance(tuner, ASTModel):
+        raise TypeError(
+            f"AST callbacks need an AST PEFT model (peft.get_peft_model(model, hf_sparse.ASTConfig())), "
+            f"got {type(model).__name__}"
+        )
+    return tuner, next(iter(tuner.peft_config.values()))

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .calibration import CalibrationIds, as_batches
-from .registry import PRUNERS, get_pruner
-from .sequential import prune_sequential
+from ..oneshot.calibration import CalibrationIds, as_batches
+from ..oneshot.registry import PRUNERS, get_pruner
+from ..oneshot.sequential import prune_sequential
+from ..tuners.ast.model import find_ast_model
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ _DONE_ATTR = "_hf_sparse_mask_init_done"
 
 
 def _ast_model(model: nn.Module):
-    from ..training.callbacks import find_ast_model
-
     return find_ast_model(model)
 
 
