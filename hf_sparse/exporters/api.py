@@ -8,7 +8,6 @@ linears must already be N:M sparse), or a checkpoint directory (an AST adapter o
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,13 +274,10 @@ def load_for_export(path: Path) -> nn.Module:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    adapter_cfg = path / "adapter_config.json"
-    if adapter_cfg.exists():
-        from peft import PeftModel
+    if (path / "adapter_config.json").exists():  # PEFT's own loader: base model from the adapter config, then the adapter
+        from peft import AutoPeftModelForCausalLM
 
-        cfg = json.loads(adapter_cfg.read_text())
-        base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype="auto")
-        peft_model = PeftModel.from_pretrained(base, str(path))
+        peft_model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype="auto")
         peft_model._hf_sparse_source_path = str(path)
         return peft_model
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")

@@ -25,46 +25,32 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def write_shards(
     tensors: Mapping[str, torch.Tensor],
     directory: Path,
     max_shard_bytes: int = 5 * 1024**3,
     fail_after: Optional[int] = None,
 ) -> list[str]:
-    """Write ``tensors`` as ``model.safetensors`` (or numbered shards + index) into ``directory``.
+    """Write ``tensors`` as ``model.safetensors`` (or numbered shards + index) into ``directory``, each shard with its
+    checksum and format version in ``__metadata__``. The split is huggingface_hub's own
+    (:func:`huggingface_hub.split_torch_state_dict_into_shards`, what ``save_pretrained`` uses), so shard names and
+    the index match every other transformers checkpoint.
 
     ``fail_after`` is a test hook: raise after writing that many shards (to test atomicity).
     """
-    items = sorted(tensors.items())
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for name, t in items:
-        if shards[-1] and size + _nbytes(t) > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, t))
-        size += _nbytes(t)
-    names = (
-        [SAFE_WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for i, (fname, shard) in enumerate(zip(names, shards)):
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(dict(tensors), max_shard_size=max_shard_bytes)
+    for i, (fname, names) in enumerate(sorted(split.filename_to_tensors.items())):
         if fail_after is not None and i >= fail_after:
             raise RuntimeError(f"export aborted after {i} shard(s) (test hook)")
-        data = {k: v.detach().contiguous().cpu() for k, v in shard}
+        data = {k: tensors[k].detach().contiguous().cpu() for k in names}
         meta = {"format": "pt", CHECKSUM_KEY: tensor_checksum(iter(data.items())), VERSION_KEY: str(FORMAT_VERSION)}
         save_file(data, str(directory / fname), metadata=meta)
-        weight_map.update({k: fname for k in data})
-    if len(shards) > 1:
-        total = sum(_nbytes(t) for _, t in items)
-        write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, directory / SAFE_WEIGHTS_INDEX_NAME)
-    return names
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        write_json(index, directory / SAFE_WEIGHTS_INDEX_NAME)
+    return sorted(split.filename_to_tensors)
 
 
 def write_json(obj: object, path: Path) -> None:

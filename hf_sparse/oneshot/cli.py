@@ -11,11 +11,15 @@ from typing import Any, Optional
 
 import torch
 
+from ..format import dtype_names, parse_dtype
+
 __all__ = ["add_arguments", "run", "load_model_and_tokenizer"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"], help="method")
+    from .registry import PRUNERS
+
+    parser.add_argument("--method", required=True, choices=sorted(PRUNERS), help="one-shot pruning method")
     parser.add_argument(
         "--model", default=None, help="hub id, local directory, or .gguf file (default: the bundled model)"
     )
@@ -35,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=2, help="kept weights per group")
     parser.add_argument("--m", type=int, default=4, help="group size along the input dimension")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="load dtype")
+    parser.add_argument("--dtype", default="float32", choices=dtype_names(allow_auto=False), help="load dtype")
     parser.add_argument("--device", default=None, help="where layers run (default: cuda if available, else cpu)")
+    parser.add_argument("--targets", nargs="*", default=None,
+                        help="modules to prune: names/suffixes as in PEFT (default: every Linear in the decoder blocks)")
+    parser.add_argument("--exclude", nargs="*", default=None, help="modules kept dense (default: MoE routers)")
 
 
 def load_model_and_tokenizer(name_or_path: Optional[str], dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -99,15 +106,16 @@ def run(args: argparse.Namespace) -> int:
     except OutputDirectoryError as err:
         raise SystemExit(f"hf-sparse prune: {err}") from None
 
-    dtype = getattr(torch, args.dtype)
+    dtype = parse_dtype(args.dtype, "--dtype", allow_auto=False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
     model.eval()
     ids = _calibration(args, tokenizer)
     start = time.perf_counter()
-    masks = prune_oneshot(model, args.method, ids, n=args.n, m=args.m, batch_size=args.batch_size, device=device)
+    masks = prune_oneshot(model, args.method, ids, n=args.n, m=args.m, target_modules=args.targets,
+                          exclude_modules=args.exclude, batch_size=args.batch_size, device=device)
     seconds = time.perf_counter() - start
-    targets = select_targets(model, n=args.n, m=args.m)
+    targets = select_targets(model, args.targets, args.exclude, n=args.n, m=args.m)
     bad = [name for name, mod in targets.items() if nm_violations(mod.weight, args.n, args.m, dim=input_dim_of(mod))]
     if bad:
         raise RuntimeError(f"hf-sparse prune: weights not {args.n}:{args.m} after pruning: {bad[:5]}")

@@ -31,8 +31,8 @@ class HfSparseExportCommand(BaseOptimumCLICommand):
         parser.add_argument("--method", default="rtn", choices=("rtn",), help="quantization method (gptq: use hf-sparse export)")
         parser.add_argument("--prune", default="magnitude", choices=("magnitude", "none"),
                             help="how to make non-sparse targets N:M ('none': fail if a target is not N:M)")
-        parser.add_argument("--targets", nargs="*", default=None, help="target module regexes (default: decoder linears)")
-        parser.add_argument("--exclude", nargs="*", default=None, help="module regexes kept dense")
+        parser.add_argument("--targets", nargs="*", default=None, help="target modules: names/suffixes as in PEFT (default: decoder linears)")
+        parser.add_argument("--exclude", nargs="*", default=None, help="modules kept dense: names/suffixes")
         parser.add_argument("--overwrite", action="store_true",
                             help="replace OUTPUT even if it holds other files (never the model or the current directory)")
 

@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 from transformers import TrainingArguments
 
+from ..format import parse_dtype
+
 __all__ = ["ASTTrainingArguments"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -61,12 +61,12 @@ class ASTTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"ASTTrainingArguments: argument `ast_calibration_samples` must be >= 1, got {self.ast_calibration_samples}"
             )
-        if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
-            raise ValueError(
-                f"ASTTrainingArguments: argument `teacher_dtype` must be one of {sorted(_DTYPES)} or None, "
-                f"got {self.teacher_dtype!r}"
-            )
+        if self.teacher_dtype is not None:
+            try:
+                parse_dtype(self.teacher_dtype, "teacher_dtype", allow_auto=False)
+            except ValueError as err:
+                raise ValueError(f"ASTTrainingArguments: {err} or None") from None
 
     @property
     def teacher_torch_dtype(self) -> Optional[torch.dtype]:
-        return None if self.teacher_dtype is None else _DTYPES[self.teacher_dtype]
+        return parse_dtype(self.teacher_dtype, "teacher_dtype", allow_auto=False)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..atomic import atomic_write
 from ..sparsity.scores import activation_scaled_score, magnitude_score
 from ..tuners.ast.config import ASTConfig
 from ..tuners.ast.model import find_ast_model  # noqa: F401  (re-exported: it lived here)
@@ -251,9 +252,7 @@ class ASTMaskCallback(TrainerCallback):
             "num_recomputes": json.dumps(self.num_recomputes),
             "recompute_seconds": json.dumps(self.recompute_seconds),
         }
-        tmp = os.path.join(folder, AST_STATE_FILE + ".tmp")
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, os.path.join(folder, AST_STATE_FILE))
+        atomic_write(os.path.join(folder, AST_STATE_FILE), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def _load_state(self, folder: str) -> None:
         path = os.path.join(folder, AST_STATE_FILE)

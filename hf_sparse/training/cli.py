@@ -11,13 +11,13 @@ from typing import Any, Optional
 
 import torch
 
+from ..format import parse_dtype
 from .recipe import Recipe, RecipeError, RecipeSaveCallback, load_recipe
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["add_arguments", "run", "build_trainer"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,10 @@ def _load_model(recipe: Recipe, section: str) -> Optional[torch.nn.Module]:
         return None
     kwargs: dict[str, Any] = {}
     if spec.get("dtype"):
-        kwargs["dtype"] = _DTYPES[spec["dtype"]]
+        try:
+            kwargs["dtype"] = parse_dtype(spec["dtype"], "model.dtype") or "auto"
+        except ValueError as err:
+            raise RecipeError(f"{recipe.path}: {err}") from None
     for key in ("gguf_file", "revision", "trust_remote_code"):
         if spec.get(key) is not None:
             kwargs[key] = spec[key]

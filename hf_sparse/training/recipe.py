@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 from transformers import TrainerCallback
 
+from ..atomic import atomic_write_text
 from ..tuners.ast.config import ASTConfig
 from .arguments import ASTTrainingArguments
 
@@ -79,12 +80,8 @@ class Recipe:
 
     def save(self, folder: str) -> str:
         """Write ``ast_recipe.yaml`` into ``folder`` atomically."""
-        os.makedirs(folder, exist_ok=True)
         target = os.path.join(folder, RECIPE_FILE)
-        tmp = target + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_yaml())
-        os.replace(tmp, target)
+        atomic_write_text(self.to_yaml(), target)
         return target
 
 
