@@ -262,9 +262,11 @@ def test_cli_accepts_token_id_file(tmp_path):
     src, out = tmp_path / "dense", tmp_path / "pruned"
     tiny_model("opt").save_pretrained(src)
     _char_tokenizer().save_pretrained(src)
-    torch.save(_ids(3, 16), tmp_path / "ids.pt")
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": _ids(3, 16)}, str(tmp_path / "ids.safetensors"))
     argv = ["prune", "--method", "wanda", "--model", str(src), "--output-dir", str(out),
-            "--calibration-ids-file", str(tmp_path / "ids.pt"), "--device", "cpu"]
+            "--calibration-ids-file", str(tmp_path / "ids.safetensors"), "--device", "cpu"]
     assert main(argv) == 0
     assert json.loads((out / "hf_sparse_oneshot.json").read_text())["calibration_sequences"] == 3
 

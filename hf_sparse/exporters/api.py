@@ -11,7 +11,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..atomic import atomic_directory, check_output_directory
+from ..calibration import as_model_inputs
 from ..format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
 from ..modules import SLoRB, SparseLinear
 from ..quantization import PackedWeight, get_quantization_method
@@ -137,21 +138,6 @@ def collect_sparse_linears(
     return inner, sources
 
 
-def _calibration_batches(calibration_data: Any) -> Iterable[dict[str, torch.Tensor]]:
-    if isinstance(calibration_data, torch.Tensor):
-        data = calibration_data if calibration_data.dim() == 2 else calibration_data.unsqueeze(0)
-        return [{"input_ids": row.unsqueeze(0)} for row in data]
-    out = []
-    for item in calibration_data:
-        if isinstance(item, torch.Tensor):
-            out.append({"input_ids": item if item.dim() == 2 else item.unsqueeze(0)})
-        elif isinstance(item, dict):
-            out.append(item)
-        else:
-            raise TypeError(f"argument `calibration_data`: expected tensors or dicts of tensors, got {type(item).__name__}")
-    return out
-
-
 @torch.no_grad()
 def collect_hessians(model: nn.Module, sources: list[SparseSource], calibration_data: Any) -> dict[str, torch.Tensor]:
     """``X^T X`` of every source module's input over the calibration batches (forward hooks, one pass).
@@ -178,7 +164,7 @@ def collect_hessians(model: nn.Module, sources: list[SparseSource], calibration_
     model.eval()
     try:
         device = next(model.parameters()).device
-        for batch in tqdm(_calibration_batches(calibration_data), desc="GPTQ calibration", leave=False):
+        for batch in tqdm(as_model_inputs(calibration_data), desc="GPTQ calibration", leave=False):
             model(**{k: v.to(device) for k, v in batch.items()})
     finally:
         for h in hooks:

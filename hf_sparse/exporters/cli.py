@@ -7,8 +7,6 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ..format import dtype_names, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -65,13 +63,13 @@ def _calibration(args: argparse.Namespace, source: Path):
         raise SystemExit("hf-sparse export: --method gptq needs --calibration-file (a text file)")
     from transformers import AutoTokenizer
 
+    from ..calibration import consecutive_windows
+
     tok = AutoTokenizer.from_pretrained(str(source))
-    ids = tok(args.calibration_file.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    seq = args.seq_len
-    chunks = [ids[i : i + seq] for i in range(0, ids.numel() - seq + 1, seq)][: args.num_samples]
-    if not chunks:
-        raise SystemExit(f"hf-sparse export: {args.calibration_file} has fewer than {seq} tokens")
-    return torch.stack(chunks)
+    try:
+        return consecutive_windows(tok, args.calibration_file.read_text(encoding="utf-8"), args.num_samples, args.seq_len)
+    except ValueError as err:
+        raise SystemExit(f"hf-sparse export: {args.calibration_file}: {err}") from None
 
 
 def _path_argument(positional: Optional[str], flag: Optional[str], name: str, flag_name: str) -> str:

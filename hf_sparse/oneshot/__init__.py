@@ -8,7 +8,7 @@ the already-pruned ones. New methods register with ``@register_pruner("name")``.
 
 from . import magnitude, sparsegpt, wanda  # noqa: F401  (register the built-in pruners)
 from .api import prune_oneshot, select_targets
-from .calibration import as_batches, calibration_ids_from_text, load_calibration_ids
+from ..calibration import as_batches, calibration_ids_from_text, load_calibration_ids
 from .magnitude import MagnitudePruner
 from .registry import PRUNERS, OneShotPruner, get_pruner, register_pruner
 from .sequential import find_decoder_layers, prune_sequential

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..sparsity.nm import input_dim_of, validate_nm
 from ..targets import TargetSelector
-from .calibration import CalibrationIds, as_batches
+from ..calibration import CalibrationIds, as_batches
 from .registry import get_pruner
 from .sequential import prune_sequential
 

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration-file", default=None, help="UTF-8 text file (default: the bundled Shakespeare train split)"
     )
     parser.add_argument(
-        "--calibration-ids-file", default=None, help="token ids instead of text: .pt (torch.save) or .json"
+        "--calibration-ids-file", default=None, help="token ids instead of text: .safetensors (tensor input_ids) or .json"
     )
     parser.add_argument("--num-samples", type=int, default=32, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
@@ -80,7 +80,7 @@ def _default_calibration_text() -> list[str]:
 
 
 def _calibration(args: argparse.Namespace, tokenizer: Any) -> Optional[Any]:
-    from .calibration import calibration_ids_from_text, load_calibration_ids
+    from ..calibration import calibration_ids_from_text, load_calibration_ids
 
     if args.method == "magnitude":
         return None
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import OutputDirectoryError, atomic_directory, check_output_directory
     from ..sparsity.nm import input_dim_of, nm_violations
     from .api import prune_oneshot, select_targets
-    from .calibration import as_batches
+    from ..calibration import as_batches
 
     sources = [args.model] if args.model and os.path.exists(args.model) else []  # a local dir or .gguf: never replaced
     try:  # refuse before loading and pruning

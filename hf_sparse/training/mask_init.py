@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..oneshot.calibration import CalibrationIds, as_batches
+from ..calibration import CalibrationIds, as_batches
 from ..oneshot.registry import PRUNERS, get_pruner
 from ..oneshot.sequential import prune_sequential
 from ..tuners.ast.model import find_ast_model
