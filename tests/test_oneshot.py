@@ -383,3 +383,13 @@ def test_init_callback_keeps_masks_loaded_from_a_trained_adapter():
     assert all(torch.equal(l.ast_mask["default"], loaded[n]) for n, l in ast_model.ast_layers())
     with pytest.raises(ValueError, match="mask_init"):
         ast_masks_need_init(peft.get_peft_model(tiny_model("llama"), ASTConfig(mask_init="obs")))
+
+
+def test_mask_init_leaves_adapters_enabled_and_trainability_unchanged():
+    """The init runs the layers dense through PEFT's disable/enable_adapter_layers and restores requires_grad."""
+    model = peft.get_peft_model(tiny_model("llama"), ASTConfig(use_slorb=True, slorb_group_size=16))
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    initialize_ast_masks(model, "wanda", _ids(), progress=False)
+    ast_model, _ = find_ast_model(model)
+    assert all(not layer.disable_adapters for _, layer in ast_model.ast_layers())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before

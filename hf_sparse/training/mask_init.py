@@ -56,9 +56,9 @@ def initialize_ast_masks(
     bases = {name: layer.get_base_layer() for name, layer in layers.items()}
     n, m = config.n, config.m
     new_pruner = lambda module, name: pruner_cls(module, name, n, m)  # noqa: E731
-    previous = {name: layer._disable_adapters for name, layer in layers.items()}
-    for layer in layers.values():  # layers run dense; processed ones hold their pruned weights meanwhile
-        layer._disable_adapters = True
+    was_enabled = not any(layer.disable_adapters for layer in layers.values())
+    requires_grad = {id(p): p.requires_grad for p in ast_model.parameters()}  # PEFT's toggles change them
+    ast_model.disable_adapter_layers()  # layers run dense; processed ones hold their pruned weights meanwhile
     try:
         if pruner_cls.needs_calibration:
             if calibration_ids is None:
@@ -74,8 +74,10 @@ def initialize_ast_masks(
                 masks[name] = new_pruner(base, name).prune()
                 base.weight.data.copy_(original)
     finally:
-        for name, layer in layers.items():
-            layer._disable_adapters = previous[name]
+        if was_enabled:
+            ast_model.enable_adapter_layers()
+        for p in ast_model.parameters():
+            p.requires_grad_(requires_grad[id(p)])
     set_ast_masks(peft_model, masks, source=f"one-shot {method}")
     setattr(ast_model, _DONE_ATTR, method)
     return masks
