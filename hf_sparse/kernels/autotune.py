@@ -142,8 +142,16 @@ class AutotuneCache:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, reps: int = 10) -> float:
-    """Median wall time of ``fn()`` in ms: CUDA events on a GPU, ``perf_counter`` on CPU."""
+    """Median wall time of ``fn()`` in ms: Triton's ``do_bench`` on a GPU (L2 flush, CUDA events; plain CUDA events
+    when Triton is missing), ``perf_counter`` on CPU. ``warmup``/``reps`` count calls outside ``do_bench``."""
     device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            return float(do_bench(fn, warmup=max(1, warmup) * 5, rep=max(1, reps) * 10, return_mode="median"))
     for _ in range(warmup):
         fn()
     samples = []
