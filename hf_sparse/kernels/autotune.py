@@ -51,6 +51,7 @@ ENV_CACHE_DIR = "HF_SPARSE_CACHE_DIR"
 ENV_AUTOTUNE = "HF_SPARSE_AUTOTUNE"
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CACHE_VERSION = 1
+CPU_REPS = 5  # CPU timings are milliseconds each: fewer repeats keep the first use of a shape short
 
 
 def m_bucket(m: int) -> int:
@@ -67,7 +68,24 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu:{_cpu_model()}"
     return device.type
+
+
+def _cpu_model() -> str:
+    """The CPU model and whether it has native bf16 (decisions measured on one CPU are not reused on another)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extras = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in flags]
+    return f"{name} ({','.join(extras) or 'no avx2'}, {torch.get_num_threads()} threads)"
 
 
 @dataclass(frozen=True)
@@ -187,10 +205,11 @@ def select_backend(
     timer: Callable[[Callable[[], object]], float] | None = None,
     margin: float = 0.03,
     rel_tol: float = 2e-2,
+    reps: int | None = None,
 ) -> Choice:
     """Choose among ``candidates`` (name -> ``f(x) -> y``; must contain ``"dense"``, the reference).
 
-    Order: override -> cached decision -> measurement (GPU, or ``measure=True``) -> dense. A candidate
+    Order: override -> cached decision -> measurement (GPU by default; CPU when the dispatch asks) -> dense. A candidate
     that raises or whose output differs from dense by more than ``rel_tol`` (relative to ``max|y|``) is
     rejected. A sparse path wins only if it is faster than dense by more than ``margin``.
     """
@@ -212,7 +231,7 @@ def select_backend(
         return Choice(cached["backend"], "cache", cached.get("times_ms", {}), cached.get("rejected", {}))
 
     if measure is None:
-        measure = key.device not in ("cpu", "meta") and os.environ.get(ENV_AUTOTUNE, "1") != "0"
+        measure = not key.device.startswith(("cpu", "meta")) and os.environ.get(ENV_AUTOTUNE, "1") != "0"
     if not measure:
         return Choice(DENSE, "default")
 
@@ -221,7 +240,7 @@ def select_backend(
         y_ref = candidates[DENSE](x).float()
     ref_scale = max(y_ref.abs().max().item(), 1e-6)
     device = x.device
-    clock = timer or (lambda fn: time_ms(fn, device))
+    clock = timer or (lambda fn: time_ms(fn, device, reps=reps or 10))
     with torch.no_grad():
         times: dict[str, float] = {DENSE: clock(lambda: candidates[DENSE](x))}
     rejected: dict[str, str] = {}

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from . import autotune
+from . import autotune, cpu
 
 
 @runtime_checkable
@@ -105,6 +105,8 @@ def triton_w4a16_supported(module: "PackedNMLinear", x: torch.Tensor) -> bool:
 def candidate_paths(module: "PackedNMLinear", x: torch.Tensor) -> list[str]:
     """Names of the paths that can compute ``module`` on ``x``; ``"dense"`` is always first."""
     names = ["dense"]
+    if x.device.type == "cpu":
+        names += [name for name, supported in cpu.SUPPORTED.items() if supported(module, x)]
     spec = module.spec
     if semi_structured_supported(module.out_features, module.in_features, spec.n, spec.m, x.dtype, x.device):
         names.append("semi_structured")
@@ -146,8 +148,10 @@ def choose_path(module: "PackedNMLinear", x: torch.Tensor) -> str:
         return name
     names = candidate_paths(module, x)
     override = autotune._override(None)
-    if override is None and x.device.type != "cuda":
-        name = "dense"  # CPU: the exact dequantized path is the default; nothing to measure
+    if x.device.type == "cpu" and override is None:  # Triton on CPU is its interpreter (tests): override only
+        names = [n for n in names if n != "triton_w4a16"]
+    if override is None and len(names) == 1:
+        name = "dense"  # nothing to choose: the exact dequantized path
     else:
         key = autotune.TuneKey(
             autotune.device_name(x.device), module.out_features, module.in_features, bucket,
@@ -159,10 +163,15 @@ def choose_path(module: "PackedNMLinear", x: torch.Tensor) -> str:
                 {n: (lambda t, n=n: PATHS[n](module, t)) for n in names},
                 lambda: torch.randn(bucket, module.in_features, device=x.device, dtype=x.dtype),
                 cache=_disk_cache(),
+                measure=None if x.device.type == "cuda" else os.environ.get(autotune.ENV_AUTOTUNE, "1") != "0",
+                reps=autotune.CPU_REPS if x.device.type == "cpu" else None,
             )
         except ValueError as err:
             raise ValueError(f"{type(module).__name__}({module.extra_repr()}): {err}") from None
         name = choice.backend
+        if name != "dense":  # the measurement built a dense copy as its reference: not kept where it lost
+            module._kernel_cache.pop("dense", None)
+            module._kernel_cache.pop("dense_key", None)
     memo[memo_key] = name
     return name
 
@@ -276,4 +285,7 @@ PATHS: dict[str, Callable[["PackedNMLinear", torch.Tensor], torch.Tensor]] = {
     "dense": dense_forward,
     "semi_structured": semi_structured_forward,
     "triton_w4a16": triton_w4a16_forward,
+    "cpu_int4": cpu.cpu_int4_forward,
+    "cpu_int8": cpu.cpu_int8_forward,
+    "dense_lowp": cpu.dense_lowp_forward,
 }

@@ -1,0 +1,165 @@
+"""CPU paths of the dispatch: torch's own weight-only low-bit kernels, so an export is smaller and faster on CPU too.
+
+* ``"cpu_int4"``: 2:4 + int4 exports through ``aten._weight_int4pack_mm_for_cpu`` (tinygemm layout, converted once
+  per module with ``_convert_weight_to_int4pack_for_cpu``). The kernel computes ``(q - 8)·scale + zero`` per group;
+  pruned weights are stored as the code of an exact 0 (symmetric: 8, zero 0; asymmetric: our zero-point ``z``, float
+  zero ``(8 - z)·scale``). 4 bits a weight instead of 32 for the memory-bound decode. Activations run in bf16
+  (fp16/bf16 inputs in their own dtype): the kernel is slow in fp32.
+* ``"cpu_int8"``: symmetric per-channel int8 exports through ``aten._weight_int8pack_mm`` (``codes - 128``; pruned
+  weights are 0), bf16 activations likewise.
+* ``"dense_lowp"``: bf16-stored 16-bit exports keep their dense weight in bf16 (half the fp32 copy) and compute in
+  bf16, where the CPU does that natively.
+
+None is exact in fp32: each is checked against the dense dequantized reference when the dispatch measures it, and it
+runs only where it measured faster than dense (``HF_SPARSE_CPU_KERNELS=0`` turns these paths off). The converted
+weights live in ``module._kernel_cache``; the dense fp32 copy is not kept where one of these paths runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..format import unpack_codes, unpack_positions
+
+__all__ = [
+    "ENV_CPU_KERNELS", "INT4_GROUP_SIZES", "cpu_int4_forward", "cpu_int4_supported", "cpu_int8_forward",
+    "cpu_int8_supported", "cpu_kernels_enabled", "SUPPORTED", "dense_lowp_forward", "dense_lowp_supported",
+]
+
+ENV_CPU_KERNELS = "HF_SPARSE_CPU_KERNELS"
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def cpu_kernels_enabled() -> bool:
+    return os.environ.get(ENV_CPU_KERNELS, "1") != "0"
+
+
+def _usable(module: Any, x: torch.Tensor) -> bool:
+    """CPU, forward only (the kernels have no autograd), float activations."""
+    if x.device.type != "cpu" or not cpu_kernels_enabled():
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _int4_group_size(module: Any) -> int | None:
+    spec = module.spec
+    gs = spec.group_size if spec.group_size is not None else module.in_features
+    return gs if gs in INT4_GROUP_SIZES and module.in_features % gs == 0 else None
+
+
+def cpu_int4_supported(module: Any, x: torch.Tensor) -> bool:
+    spec = module.spec
+    if spec.bits != 4 or not _usable(module, x) or module.out_features % 16 or module.in_features % 2:
+        return False
+    return _int4_group_size(module) is not None and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def _dense_codes(module: Any, fill: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` int32 codes: kept codes at their positions, ``fill`` (``[out, in]`` or ``[out, 1]``: the code of an
+    exact 0) elsewhere."""
+    spec = module.spec
+    kept = spec.kept(module.in_features)
+    codes = unpack_codes(module.nm_values, spec.bits).to(torch.int32)[:, :kept]
+    pos = unpack_positions(module.nm_positions, spec, kept).long()
+    rows = codes.shape[0]
+    groups = module.in_features // spec.m
+    dense = fill.to(torch.int32).expand(rows, module.in_features).clone().reshape(rows, groups, spec.m)
+    dense.scatter_(-1, pos.reshape(rows, groups, spec.n), codes.reshape(rows, groups, spec.n))
+    return dense.reshape(rows, module.in_features)
+
+
+def _per_input(t: torch.Tensor, module: Any, group_size: int) -> torch.Tensor:
+    """Per-group ``[out, G]`` values expanded to ``[out, in]`` (our groups count original input channels)."""
+    return t.repeat_interleave(group_size, dim=1)[:, : module.in_features]
+
+
+def _int4_operands(module: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    cache = module._kernel_cache
+    key = ("cpu_int4", dtype)
+    if cache.get("cpu_int4_key") != key:
+        spec = module.spec
+        gs = _int4_group_size(module)
+        scales = module.nm_scales.to(torch.float32)  # [out, G]
+        if spec.symmetric:
+            zero_code = torch.full_like(scales, 8.0)
+            zero_float = torch.zeros_like(scales)
+        else:  # (q - z)·s == (q - 8)·s + (8 - z)·s
+            zero_code = module.nm_zeros.to(torch.float32)
+            zero_float = (8.0 - zero_code) * scales
+        codes = _dense_codes(module, _per_input(zero_code, module, gs).round())
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 8)
+        scale_zero = torch.stack([scales.t(), zero_float.t()], dim=-1).to(dtype).contiguous()  # [G, out, 2]
+        cache.pop("dense", None)
+        cache.pop("dense_key", None)
+        cache["cpu_int4"] = (packed, scale_zero, gs)
+        cache["cpu_int4_key"] = key
+    return cache["cpu_int4"]
+
+
+def cpu_int4_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
+    dtype = _compute_dtype(x)
+    packed, scale_zero, gs = _int4_operands(module, dtype)
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, gs, scale_zero)
+    if module.bias is not None:
+        out = out + module.bias.to(dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+
+
+def cpu_int8_supported(module: Any, x: torch.Tensor) -> bool:
+    spec = module.spec
+    return (spec.bits == 8 and spec.symmetric and spec.group_size is None and _usable(module, x)
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+
+
+def _int8_operands(module: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    cache = module._kernel_cache
+    key = ("cpu_int8", dtype)
+    if cache.get("cpu_int8_key") != key:
+        fill = torch.full((module.out_features, 1), 128, dtype=torch.int32)
+        weight = (_dense_codes(module, fill) - 128).to(torch.int8).contiguous()
+        scales = module.nm_scales.to(torch.float32).reshape(-1).to(dtype).contiguous()
+        cache.pop("dense", None)
+        cache.pop("dense_key", None)
+        cache["cpu_int8"] = (weight, scales)
+        cache["cpu_int8_key"] = key
+    return cache["cpu_int8"]
+
+
+def cpu_int8_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
+    dtype = _compute_dtype(x)
+    weight, scales = _int8_operands(module, dtype)
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), weight, scales)
+    if module.bias is not None:
+        out = out + module.bias.to(dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+
+
+def dense_lowp_supported(module: Any, x: torch.Tensor) -> bool:
+    return module.spec.bits == 16 and module.spec.values_dtype == "bfloat16" and _usable(module, x)
+
+
+def dense_lowp_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
+    cache = module._kernel_cache
+    if cache.get("dense_lowp_key") != torch.bfloat16:
+        cache.pop("dense", None)
+        cache.pop("dense_key", None)
+        cache["dense_lowp"] = module.dequantized_weight(torch.bfloat16)
+        cache["dense_lowp_key"] = torch.bfloat16
+    bias = None if module.bias is None else module.bias.to(torch.bfloat16)
+    return F.linear(x.to(torch.bfloat16), cache["dense_lowp"], bias).to(x.dtype)
+
+
+#: CPU path name -> support check, in the order they are offered to the measurement
+SUPPORTED = {"cpu_int4": cpu_int4_supported, "cpu_int8": cpu_int8_supported, "dense_lowp": dense_lowp_supported}
