@@ -62,8 +62,8 @@ __all__ = [
 # tests and benchmarks may pin a path ("dense", "semi_structured", "triton_w4a16"); None = automatic choice
 FORCE_PATH: str | None = None
 # The dense fallback keeps its dequantized weight (speed: the dense path must match a dense
-# model wherever it is chosen, e.g. 2:4 fp16 at decode). Costs the dense weight's memory for modules
-# that use it; HF_SPARSE_DENSE_CACHE=0 dequantizes on every call instead (less memory, slower).
+# model wherever it is chosen, e.g. 2:4 fp16 at decode), except where a low-bit CPU kernel can run the module
+# (see _keep_dense_copy). HF_SPARSE_DENSE_CACHE=0 never keeps it (less memory, slower), =1 always.
 ENV_DENSE_CACHE = "HF_SPARSE_DENSE_CACHE"
 
 
@@ -197,14 +197,24 @@ def tune_model(model: torch.nn.Module, m_values: tuple[int, ...] = (1, 16, 128, 
     return chosen
 
 
-def _keep_dense_copy(x: torch.Tensor) -> bool:
-    # kept on every device: re-dequantizing each call made CPU evaluation of an export ~10x slower than dense
-    return os.environ.get(ENV_DENSE_CACHE, "1") != "0"
+def _keep_dense_copy(module: "PackedNMLinear", x: torch.Tensor) -> bool:
+    """Whether the dense path keeps its dequantized copy (``HF_SPARSE_DENSE_CACHE``: ``1`` always, ``0`` never).
+
+    Default: kept (re-dequantizing each call made CPU evaluation of an export ~10x slower than dense), except on CPU
+    for modules a low-bit CPU kernel can run: there the export's point is its memory, so the dense path
+    re-dequantizes per call, and the dispatch measures it that way (the kernel then wins and no copy is ever held).
+    """
+    setting = os.environ.get(ENV_DENSE_CACHE, "auto")
+    if setting in ("0", "1"):
+        return setting == "1"
+    if x.device.type == "cpu" and module.spec.bits < 16:
+        return not any(supported(module, x) for supported in cpu.SUPPORTED.values())
+    return True
 
 
 def dense_forward(module: "PackedNMLinear", x: torch.Tensor) -> torch.Tensor:
     """Exact dequantized weight + ``F.linear``; the dequantized copy is kept (see ENV_DENSE_CACHE)."""
-    if _keep_dense_copy(x):
+    if _keep_dense_copy(module, x):
         cache = module._kernel_cache
         key = (x.device, x.dtype)
         if cache.get("dense_key") != key:
