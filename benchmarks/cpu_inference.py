@@ -179,6 +179,10 @@ def main() -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     from hf_sparse.atomic import atomic_write_json
 
+    if RESULTS.exists():  # keep the other models' rows from an earlier run (one model per run is fine)
+        earlier = json.loads(RESULTS.read_text())
+        doc["models"] = {**earlier.get("models", {}), **doc["models"]}
+
     atomic_write_json(doc, RESULTS)
     print(f"\nJSON: {RESULTS}")
     return 0
