@@ -59,7 +59,8 @@ def build(model_name: str, work: Path) -> dict[str, str]:
     hf_sparse.prune_oneshot(model, "magnitude", progress=False)
     dirs = {"dense-fp32": str(dense_dir), "dense-bf16": str(dense_dir)}
     plans = {
-        "2:4-fp16": dict(bits=16, dtype=torch.float16),
+        "2:4-fp16": dict(quantization_config=hf_sparse.HfSparseConfig(bits=16, values_dtype="float16"),
+                         dtype=torch.bfloat16),
         "2:4-bf16": dict(bits=16, dtype=torch.bfloat16),
         "2:4-int8": dict(bits=8, group_size=None, dtype=torch.bfloat16),
         "2:4-int4": dict(bits=4, group_size=group, dtype=torch.bfloat16),

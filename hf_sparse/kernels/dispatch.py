@@ -201,13 +201,13 @@ def _keep_dense_copy(module: "PackedNMLinear", x: torch.Tensor) -> bool:
     """Whether the dense path keeps its dequantized copy (``HF_SPARSE_DENSE_CACHE``: ``1`` always, ``0`` never).
 
     Default: kept (re-dequantizing each call made CPU evaluation of an export ~10x slower than dense), except on CPU
-    for modules a low-bit CPU kernel can run: there the export's point is its memory, so the dense path
-    re-dequantizes per call, and the dispatch measures it that way (the kernel then wins and no copy is ever held).
+    for modules a CPU path (low-bit kernel, bf16 dense) can run: there the export's point is its memory, so the dense
+    path re-dequantizes per call, and the dispatch measures it that way (no fp32 copy is held beside the CPU path's).
     """
     setting = os.environ.get(ENV_DENSE_CACHE, "auto")
     if setting in ("0", "1"):
         return setting == "1"
-    if x.device.type == "cpu" and module.spec.bits < 16:
+    if x.device.type == "cpu":
         return not any(supported(module, x) for supported in cpu.SUPPORTED.values())
     return True
 
