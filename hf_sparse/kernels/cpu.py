@@ -34,6 +34,28 @@ ENV_CPU_KERNELS = "HF_SPARSE_CPU_KERNELS"
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
+def release_freed_memory() -> None:
+    """Hand memory that freed temporaries left in the C heap back to the OS (glibc's ``malloc_trim``; no-op elsewhere).
+
+    A conversion builds ``[out, in]`` int32/float temporaries (~12 bytes a weight); glibc keeps their pages, and a
+    1B-parameter export's resident memory after its first forward measured 2.45 GB instead of 1.59 GB without this.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def cpu_kernels_enabled() -> bool:
     return os.environ.get(ENV_CPU_KERNELS, "1") != "0"
 
@@ -103,6 +125,8 @@ def _int4_operands(module: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch
         cache.pop("dense_key", None)
         cache["cpu_int4"] = (packed, scale_zero, gs)
         cache["cpu_int4_key"] = key
+        del codes
+        release_freed_memory()
     return cache["cpu_int4"]
 
 
@@ -133,6 +157,7 @@ def _int8_operands(module: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch
         cache.pop("dense_key", None)
         cache["cpu_int8"] = (weight, scales)
         cache["cpu_int8_key"] = key
+        release_freed_memory()
     return cache["cpu_int8"]
 
 
