@@ -85,13 +85,14 @@ def test_cli_trains_tiny_recipe_and_saves_it_beside_checkpoints(tmp_path, capsys
 
 
 def test_recipe_with_fsdp_is_refused_before_loading_anything(tmp_path):
-    """`hf-sparse train` refuses FSDP from the recipe's arguments alone: the model path need not even exist."""
+    """`hf-sparse train` refuses FSDP1 from the recipe's arguments alone: the model path need not even exist.
+    (FSDP2 is supported: tests/test_fsdp2.py.)"""
     from hf_sparse.training.cli import build_trainer
     from hf_sparse.training.recipe import load_recipe
 
     recipe = load_recipe(os.path.join(RECIPES, "tiny-cpu.yaml"), [
         "model.config=null", "model.name_or_path=/nonexistent/model", "training.fsdp=full_shard",
-        f"training.output_dir={tmp_path}",
+        "training.fsdp_config={version: 1}", f"training.output_dir={tmp_path}",
     ])
-    with pytest.raises(NotImplementedError, match="FSDP"):
+    with pytest.raises(NotImplementedError, match="does not support FSDP1"):
         build_trainer(recipe)

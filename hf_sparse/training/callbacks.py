@@ -30,6 +30,7 @@ from ..atomic import atomic_write
 from ..sparsity.scores import activation_scaled_score, magnitude_score
 from ..tuners.ast.config import ASTConfig
 from ..tuners.ast.model import find_ast_model  # noqa: F401  (re-exported: it lived here)
+from .fsdp import is_sharded, local, update_masks_local
 from .optim import MaskedDecayAdamW, unwrap_optimizer
 from .plots import PLOT_FILE, plot_training
 
@@ -86,6 +87,7 @@ class ASTMaskCallback(TrainerCallback):
         self._hooks: list[Any] = []
         self._last_input: Optional[tuple[weakref.ref, torch.Tensor]] = None
         self._uses_optimizer_decay = False
+        self._sharded = False  # FSDP2: masks are row-sharded DTensors (hf_sparse.training.fsdp)
         self._saved_step: Optional[int] = None  # step whose state ASTTrainer wrote into its staged checkpoint
 
     # ---- setup ----
@@ -97,9 +99,11 @@ class ASTMaskCallback(TrainerCallback):
         self.ramp_steps = int(ramp) if ramp is not None else max(1, int(0.25 * max(state.max_steps, 1)))
         optimizer = unwrap_optimizer(kwargs.get("optimizer"))
         self._uses_optimizer_decay = isinstance(optimizer, MaskedDecayAdamW)
-        if self._uses_optimizer_decay and not optimizer.has_masks:
+        if self._uses_optimizer_decay:  # always: FSDP2 replaced the parameters the optimizer was built with
             optimizer.attach_masks(self.ast_model.model)
             self._uses_optimizer_decay = optimizer.has_masks
+        self._sharded = any(is_sharded(layer.ast_mask[layer.active_adapters[0]])
+                            for _, layer in self.ast_model.ast_layers())
         if self.config.mask_score == "activation" and not self._hooks:
             self._register_activation_hooks()
         if state.global_step > 0:
@@ -112,6 +116,8 @@ class ASTMaskCallback(TrainerCallback):
             def hook(module: nn.Module, inputs: tuple, name: str = name) -> None:
                 if not module.training or not torch.is_grad_enabled():
                     return
+                if torch._C._current_graph_task_id() != -1:
+                    return  # activation checkpointing re-runs the forward inside backward: counted once already
                 sq = self._input_sq_of(inputs[0])
                 prev = self._input_sq.get(name)
                 if prev is None:
@@ -157,10 +163,13 @@ class ASTMaskCallback(TrainerCallback):
         if self.ast_model is None or not self.recompute_due(state.global_step + 1):
             return control
         start = time.perf_counter()
-        updates = self.ast_model.update_masks(self._scores())
-        flipped = sum(u.flipped_vs_previous for u in updates.values())
-        flipped_init = sum(u.flipped_vs_initial for u in updates.values())
-        numel = sum(u.numel for u in updates.values())
+        if self._sharded:  # FSDP2: each rank recomputes its own rows; flip counts summed over ranks
+            flipped, flipped_init, numel = update_masks_local(self.ast_model, self._scores())
+        else:
+            updates = self.ast_model.update_masks(self._scores())
+            flipped = sum(u.flipped_vs_previous for u in updates.values())
+            flipped_init = sum(u.flipped_vs_initial for u in updates.values())
+            numel = sum(u.numel for u in updates.values())
         self.recompute_seconds += time.perf_counter() - start
         self.num_recomputes += 1
         self.last_flip = {
@@ -177,7 +186,7 @@ class ASTMaskCallback(TrainerCallback):
             return None
         scores = {}
         for name, layer in self.ast_model.ast_layers():
-            weight = layer.get_base_layer().weight
+            weight = local(layer.get_base_layer().weight)  # FSDP2: this rank's rows
             sq = self._input_sq.get(name)
             if sq is None:
                 sq = torch.zeros(layer.in_features, device=weight.device)
@@ -198,14 +207,23 @@ class ASTMaskCallback(TrainerCallback):
         kept_sq = pruned_sq = 0.0
         with torch.no_grad():
             for name, layer in self.ast_model.ast_layers():
-                mask = layer.ast_mask[layer.active_adapters[0]]
+                mask = local(layer.ast_mask[layer.active_adapters[0]])  # FSDP2: local rows, summed below
                 group = _group_of(name)
                 kept_total[group] += int(mask.sum())
                 numel_total[group] += mask.numel()
                 if self.log_norms:
-                    w = layer.get_base_layer().weight.detach().float()
+                    w = local(layer.get_base_layer().weight).detach().float()
                     kept_sq += float((w * mask).pow(2).sum())
                     pruned_sq += float((w * ~mask).pow(2).sum())
+        if getattr(self, "_sharded", False) and _is_dist():
+            groups = sorted(kept_total)
+            sums = torch.tensor([kept_total[g] for g in groups] + [numel_total[g] for g in groups]
+                                + [kept_sq, pruned_sq], dtype=torch.float64)
+            torch.distributed.all_reduce(sums)
+            k = len(groups)
+            kept_total = {g: int(sums[i]) for i, g in enumerate(groups)}
+            numel_total = {g: int(sums[k + i]) for i, g in enumerate(groups)}
+            kept_sq, pruned_sq = float(sums[2 * k]), float(sums[2 * k + 1])
         for group in sorted(kept_total):
             out[f"ast/density/{group}"] = kept_total[group] / max(numel_total[group], 1)
         if self.log_norms:

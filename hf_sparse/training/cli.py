@@ -97,7 +97,7 @@ def build_trainer(recipe: Recipe):
     from .trainer import ASTTrainer, check_distributed_support
 
     args = recipe.training_arguments()
-    check_distributed_support(args)  # FSDP/DeepSpeed refused before a (possibly 13 GB) model is loaded
+    check_distributed_support(args)  # FSDP1/DeepSpeed refused before a (possibly 13 GB) model is loaded
     ast_config = recipe.ast_config()
     model = _load_model(recipe, "model")
     teacher = _load_model(recipe, "teacher") if recipe["teacher"].get("name_or_path") else None

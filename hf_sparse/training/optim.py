@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from .fsdp import local
+
 __all__ = ["MaskedDecayAdamW", "unwrap_optimizer"]
 
 
@@ -129,21 +131,24 @@ class MaskedDecayAdamW(torch.optim.Optimizer):
         mask_fn = self._mask_of.get(p)
         if mask_fn is None:
             return None
-        return exp_avg.clone().addcmul_(p, ~mask_fn(), value=lam) if lam else exp_avg
+        p, exp_avg = local(p), local(exp_avg)
+        return exp_avg.clone().addcmul_(p, ~local(mask_fn()), value=lam) if lam else exp_avg
 
     def _single_tensor_update(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         """One parameter at a time into two reused scratch buffers: no fresh allocations (page faults) per step."""
         beta1, beta2 = group["betas"]
         lr, eps, wd, lam = group["lr"], group["eps"], group["weight_decay"], group.get("masked_decay", 0.0)
         for p, g, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            mask_fn = self._mask_of.get(p)
+            # FSDP2: DTensor params, grads, states and masks share one row sharding; update the local shards
+            p, g, exp_avg, exp_avg_sq = local(p), local(g), local(exp_avg), local(exp_avg_sq)
             if wd:
                 p.mul_(1 - lr * wd)
             exp_avg.lerp_(g, 1 - beta1)
-            mask_fn = self._mask_of.get(p)
             if mask_fn is None:  # plain AdamW: the second moment tracks g²
                 u, second = exp_avg, g
             elif lam:  # u = m + λ·(¬M ⊙ W) in one fused pass
-                u = second = torch.addcmul(exp_avg, p, ~mask_fn(), value=lam, out=self._scratch(p, 0))
+                u = second = torch.addcmul(exp_avg, p, ~local(mask_fn()), value=lam, out=self._scratch(p, 0))
             else:
                 u = second = exp_avg
             exp_avg_sq.mul_(beta2).addcmul_(second, second, value=1 - beta2)
@@ -161,13 +166,16 @@ class MaskedDecayAdamW(torch.optim.Optimizer):
 
     def _foreach_update(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         """Multi-tensor kernels (CUDA): few launches; temporaries for the whole group live at once."""
+        orig_params = params
         beta1, beta2 = group["betas"]
         lr, eps, wd, lam = group["lr"], group["eps"], group["weight_decay"], group.get("masked_decay", 0.0)
+        has_mask = [p in self._mask_of for p in params]
+        params, grads, exp_avgs, exp_avg_sqs = ([local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs))
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         # u: what the update uses and what the second moment tracks; the loss gradient for unmasked params
-        masked = [self._masked_update(p, m, lam) for p, m in zip(params, exp_avgs)]
+        masked = [self._masked_update(p, m, lam) if k else None for p, m, k in zip(orig_params, exp_avgs, has_mask)]
         updates = [m if u is None else u for m, u in zip(exp_avgs, masked)]
         second = [g if u is None else u for g, u in zip(grads, masked)]
         torch._foreach_mul_(exp_avg_sqs, beta2)

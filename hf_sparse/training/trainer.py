@@ -43,6 +43,15 @@ from .checkpoints import (
 from ..tuners.ast.model import find_ast_model
 from .callbacks import add_ast_callbacks
 from .distill import IGNORE_INDEX, distillation_loss_sums
+from .fsdp import (
+    FSDP2_CONFIG_HINT,
+    enable_fsdp2_on_cpu,
+    fsdp_requested,
+    is_sharded,
+    local,
+    shard_ast_masks,
+    shard_teacher,
+)
 from .optim import MaskedDecayAdamW
 
 logger = logging.getLogger(__name__)
@@ -142,6 +151,48 @@ class ASTTrainer(Trainer):
         self._loss_parts = {"ce": 0.0, "kl": 0.0, "tokens": 0}
         self._staging_root: Optional[str] = None  # set while a checkpoint is being written (see _save_checkpoint)
         self._deferred_push = False
+
+    # ---- FSDP2: accelerate's FSDP2 path, on CPU too; masks sharded like the weights; the teacher sharded ----
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # accelerate enables FSDP only on accelerator devices: on a multi-process CPU run it would train DDP
+        # silently. Make the switch accelerate makes for GPUs (or raise: never an unsharded fallback).
+        enable_fsdp2_on_cpu(self)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp2 and plugin.cpu_ram_efficient_loading:
+            # accelerate's rank-0 broadcast (fsdp2_load_full_state_dict) expects every state-dict entry to be a
+            # sharded parameter; AST's mask buffers are not. The model is whole on every rank here anyway.
+            logger.warning("ASTTrainer: FSDP2 cpu_ram_efficient_loading turned off (AST masks are buffers)")
+            plugin.cpu_ram_efficient_loading = False
+
+    @property
+    def is_fsdp2(self) -> bool:
+        return bool(self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self.is_fsdp2:
+            self._shard_for_fsdp2(model)
+        return model, train_dataloader
+
+    def _shard_for_fsdp2(self, model: nn.Module) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(model, FSDPModule):
+            raise RuntimeError(f"ASTTrainer: FSDP2 is enabled but the prepared model is a {type(model).__name__}, "
+                               "not an FSDPModule; refusing to train unsharded")
+        shard_ast_masks(find_ast_model(model)[0])
+        if self.teacher_model is not None and not isinstance(self.teacher_model, FSDPModule):
+            if self.args.teacher_device is not None:
+                logger.warning("ASTTrainer: teacher_device=%s under FSDP2: the teacher stays whole on that device",
+                               self.args.teacher_device)
+                return
+            plugin = self.accelerator.state.fsdp_plugin
+            mesh = getattr(self.accelerator, "torch_device_mesh", None)
+            if mesh is not None:
+                mesh = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
+            self.teacher_model = shard_teacher(self.teacher_model, plugin.transformer_cls_names_to_wrap,
+                                               plugin.mixed_precision_policy, mesh)
 
     # ---- resume from the last *complete* checkpoint; clean what a killed save left ----
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, trial: Any = None,
@@ -253,6 +304,8 @@ class ASTTrainer(Trainer):
         business (it skips that step and lowers the scale), so it is left to it."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if self.args.ast_stop_on_nonfinite_loss and grad_norm is not None and self.accelerator.scaler is None:
+            if is_sharded(grad_norm):  # FSDP2: the DTensor-aware clip returns a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
             finite = torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32).detach()).all()
             if self._all_ranks_any(~finite):
                 raise self._nonfinite_error(
@@ -263,7 +316,8 @@ class ASTTrainer(Trainer):
 
     def _check_weights_finite(self, run_dir: str) -> None:
         device = self.args.device
-        flags = [torch.isfinite(p.detach()).all().to(device) for p in self.model.parameters() if p.is_floating_point()]
+        flags = [torch.isfinite(local(p).detach()).all().to(device)
+                 for p in self.model.parameters() if p.is_floating_point()]
         if self._all_ranks_any(~torch.stack(flags).all() if flags else False):
             step = self.state.global_step
             raise self._nonfinite_error(
@@ -377,7 +431,8 @@ def _mask_padding(labels: torch.Tensor, attention_mask: Optional[torch.Tensor]) 
 
 
 def check_distributed_support(args: TrainingArguments, trainer: Optional[Trainer] = None) -> None:
-    """FSDP and DeepSpeed shard the weights the masks live beside: refuse them at start, clearly.
+    """FSDP1 and DeepSpeed shard the weights into flat slices the masks cannot follow: refuse them at start, clearly
+    (FSDP2 shards whole rows: supported, see :mod:`hf_sparse.training.fsdp`).
 
     Called with the arguments alone before any model or data is loaded (``hf-sparse train``, and first thing in
     ``ASTTrainer.__init__``), and again with the built trainer (accelerate's launch config may enable them).
@@ -385,13 +440,17 @@ def check_distributed_support(args: TrainingArguments, trainer: Optional[Trainer
     import os
 
     env_true = lambda name: os.environ.get(name, "").lower() in ("1", "true", "yes")  # noqa: E731
-    if (trainer is not None and trainer.is_fsdp_enabled) or args.fsdp or env_true("ACCELERATE_USE_FSDP"):
+    version = fsdp_requested(args)
+    if trainer is not None and trainer.is_fsdp_enabled:
+        version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    if version is not None and version != 2:
         raise NotImplementedError(
-            "ASTTrainer does not support FSDP yet: masks, the masked-decay optimizer and the recompute need the "
-            "full (unsharded) target weights. Use DDP (accelerate launch --multi_gpu), or a smaller model per GPU."
+            f"ASTTrainer does not support FSDP{version}: its flat parameters are 1-D slices that do not align to "
+            f"weight rows, so N:M masks cannot follow them. {FSDP2_CONFIG_HINT}."
         )
     if (trainer is not None and trainer.is_deepspeed_enabled) or args.deepspeed or env_true("ACCELERATE_USE_DEEPSPEED"):
         raise NotImplementedError(
-            "ASTTrainer does not support DeepSpeed yet: ZeRO partitions the weights the N:M masks apply to. "
-            "Use DDP (accelerate launch --multi_gpu)."
+            "ASTTrainer does not support DeepSpeed: ZeRO partitions the weights into flat slices that do not align "
+            f"to the rows the N:M masks apply to. For sharded training, {FSDP2_CONFIG_HINT[0].lower()}"
+            f"{FSDP2_CONFIG_HINT[1:]}; otherwise DDP (accelerate launch --multi_gpu)."
         )

@@ -56,7 +56,18 @@ class ASTConfig(PeftConfig):
         slorb_train_projection: train X (a d/k×d matrix initialised to the 0/1 group sums). False keeps X fixed and
             computes it as a reshape-and-sum, never materialising the matrix.
         trainable_non_target: which non-target parameters train: ``"all"`` (the paper), ``"none"``, or a list of
-            regexes over parameter names. Target weights always train: they are what AST trains.
+            regexes over parameter names. Target weights always train: they are what AST trains. These parameters
+            are saved with the adapter whatever their current ``requires_grad``: an adapter loaded for inference
+            (``PeftModel.from_pretrained(..., is_trainable=False)``, the default) is frozen, and saves the same file.
+
+    Limits (AST trains the base weights themselves, not a separate delta):
+        - One AST adapter per model: ``add_adapter``/``load_adapter`` of a second one raise a ValueError. Train
+          another variant on a fresh copy of the base model.
+        - ``disable_adapter()`` runs the *trained dense* weights without the mask (and without SLoRB), not the
+          original model. Keep a copy of the base model (or reload it) for the original outputs, e.g. as the teacher.
+        - ``merge_and_unload()`` with SLoRB leaves ``SparseLinear`` modules and records them in
+          ``config.quantization_config`` (``quant_method="hf_sparse_slorb"``), so ``save_pretrained`` /
+          ``AutoModelForCausalLM.from_pretrained`` round-trip them when ``hf_sparse`` is imported.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "regex (str) or names/suffixes"})

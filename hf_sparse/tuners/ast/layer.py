@@ -7,12 +7,13 @@ the reference code's int mask turned the masked decay into a sign-flipped decay 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -56,7 +57,24 @@ def masked_weight_ste(weight: torch.Tensor, mask: torch.Tensor, dtype: Optional[
         device_type = weight.device.type
         if weight.is_floating_point() and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
+    mask = _mask_like_weight(weight, mask)
     return _MaskedWeightSTE.apply(weight, mask, dtype)
+
+
+def _mask_like_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """FSDP2: the mask is a row-sharded DTensor (hf_sparse.training.fsdp). Inside the FSDP forward the weight is
+    the gathered full tensor: all-gather the mask too (transient, 1 byte per weight). A sharded weight meets a plain
+    full mask only if the masks were never sharded: refuse rather than mix Tensor and DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(mask, DTensor) and not isinstance(weight, DTensor):
+        return mask.full_tensor()
+    if isinstance(weight, DTensor) and not isinstance(mask, DTensor):
+        raise RuntimeError(
+            "AST layer: the weight is an FSDP2-sharded DTensor but its mask is a plain tensor; shard the masks with "
+            "hf_sparse.training.fsdp.shard_ast_masks (ASTTrainer does) or call this inside the FSDP forward"
+        )
+    return mask
 
 
 def masked_decay_term(weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
@@ -88,6 +106,8 @@ class MaskUpdate:
 class ASTLayer(BaseTunerLayer):
     """PEFT tuner layer holding, per adapter, the current and initial N:M masks and an optional SLoRB branch."""
 
+    # PEFT's per-adapter containers. AST also trains the base layer's own weight and bias, which no container holds:
+    # set_requires_grad / set_adapter(inference_mode=True) below extend PEFT's toggles to them.
     adapter_layer_names = ("ast_slorb",)
     other_param_names = ("ast_mask", "ast_initial_mask", "ast_nm")
 
@@ -100,6 +120,7 @@ class ASTLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._pruned_backup: dict[str, torch.Tensor] = {}
+        self._ast_module_name = "<AST layer>"  # qualified name, for errors (set by update_layer)
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
             self.fan_in_fan_out = True
@@ -122,6 +143,7 @@ class ASTLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: Any, module_name: str, mask: Optional[torch.Tensor] = None):
         """Create the adapter's masks (from |W| unless ``mask`` is given) and its SLoRB branch."""
         validate_nm(config.n, config.m, in_features=self.in_features, module_name=module_name)
+        self._ast_module_name = module_name
         weight = self.get_base_layer().weight
         self.ast_nm[adapter_name] = (config.n, config.m)
         if mask is None:
@@ -129,8 +151,9 @@ class ASTLayer(BaseTunerLayer):
                 mask = torch.ones_like(weight, dtype=torch.bool, device="meta")
             else:
                 mask = nm_mask(magnitude_score(weight), config.n, config.m, dim=self.input_dim)
-        self.ast_mask[adapter_name] = mask.to(torch.bool)
-        self.ast_initial_mask[adapter_name] = mask.to(torch.bool).clone()
+        # contiguous: a Conv1D mask comes out as a transposed view, which safetensors refuses to save
+        self.ast_mask[adapter_name] = mask.to(torch.bool).contiguous()
+        self.ast_initial_mask[adapter_name] = self.ast_mask[adapter_name].clone()
         if config.use_slorb:
             if self.in_features % config.slorb_group_size:
                 raise ValueError(
@@ -141,8 +164,30 @@ class ASTLayer(BaseTunerLayer):
             if config.slorb_init == "mean" and weight.device.type != "meta":
                 with torch.no_grad():
                     slorb.S.copy_(slorb_mean_init(self._out_in(weight), self._out_in(mask), config.slorb_group_size))
-            self.ast_slorb[adapter_name] = slorb.to(weight.device)
+            self.ast_slorb[adapter_name] = slorb
+            # device and dtype of the base weight (PEFT's autocast_adapter_dtype then upcasts fp16/bf16 to fp32 unless
+            # it is False); skipped while the branch is on meta (low_cpu_mem_usage: the weights come with the load)
+            self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    # ---- trainability: the base weight and bias are part of the adapter ----
+    def _set_base_requires_grad(self, requires_grad: bool) -> None:
+        for param in self.get_base_layer().parameters(recurse=False):
+            param.requires_grad = requires_grad
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """PEFT's toggle (SLoRB), extended to the base weight and bias that AST trains."""
+        super().set_requires_grad(adapter_names, requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        if names & set(self.ast_mask):
+            self._set_base_requires_grad(requires_grad)
+
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """PEFT's activation; ``inference_mode=True`` also freezes the base weight and bias (never unfreezes them:
+        what trains is decided at injection, by ``set_requires_grad`` and by the tuner's trainability policy)."""
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        if inference_mode:
+            self._set_base_requires_grad(False)
 
     # ---- mask maintenance (driven by the trainer's callbacks) ----
     @torch.no_grad()
@@ -190,22 +235,37 @@ class ASTLayer(BaseTunerLayer):
 
     # ---- merging ----
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write ``W ⊙ mask`` into the base weight (zeros stored); SLoRB stays a separate branch."""
-        names = adapter_names or [a for a in self.active_adapters if a in self.ast_mask]
+        """Write ``W ⊙ mask`` into the base weight (zeros stored); SLoRB stays a separate branch.
+
+        ``safe_merge`` checks the masked weight and the SLoRB branch for NaN/inf before anything is written.
+        Merging again warns (PEFT's ``check_adapters_to_merge``) and changes nothing.
+        """
+        names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.ast_mask]
         for name in names:
-            if name in self.merged_adapters:
-                continue
             weight = self.get_base_layer().weight
             mask = self.ast_mask[name]
             with torch.no_grad():
                 merged = weight.data * mask
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs/infs detected while merging AST adapter {name!r}")
+                if safe_merge:
+                    self._check_finite_for_merge(name, merged)
                 self._pruned_backup[name] = weight.data * (~mask)
                 weight.data.copy_(merged)
             self.merged_adapters.append(name)
 
+    def _check_finite_for_merge(self, name: str, merged: torch.Tensor) -> None:
+        bad = [] if torch.isfinite(merged).all() else ["the masked weight"]
+        if name in self.ast_slorb:
+            bad += [f"SLoRB {p}" for p, t in self.ast_slorb[name].named_parameters() if not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(
+                f"{self._ast_module_name}: NaNs detected in the merged weights. The adapter {name} seems to be broken "
+                f"(non-finite values in {', '.join(bad)})"
+            )
+
     def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
@@ -217,13 +277,19 @@ class ASTLayer(BaseTunerLayer):
         """Called by PEFT's ``merge_and_unload``/``unload``: the base module, or a SparseLinear when SLoRB exists."""
         if not merge:
             return self.get_base_layer()
-        self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        requested = adapter_names or [a for a in self.active_adapters if a in self.ast_mask]
+        pending = [a for a in requested if a not in self.merged_adapters]
+        if pending:  # after merge_adapter() there is nothing left to merge: no "already merged" warning here
+            self.merge(safe_merge=safe_merge, adapter_names=pending)
+        elif safe_merge:
+            for name in requested:  # the weight is merged already; the branch still has to be checked
+                self._check_finite_for_merge(name, torch.zeros(()))
         names = adapter_names or self.merged_adapters
         slorbs = [self.ast_slorb[n] for n in names if n in self.ast_slorb]
         base = self.get_base_layer()
         if not slorbs:
             return base
-        return SparseLinear(base.weight, base.bias, slorbs[0], self.fan_in_fan_out)
+        return SparseLinear.build(base.weight, base.bias, slorbs[0], self.fan_in_fan_out)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Change that merging writes into the base weight (minus the pruned values)."""

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from ...modules.sparse_linear import SparseLinear
 from ...targets import DEFAULT_TARGET_MODULES
 from .config import ASTConfig
 from .layer import ASTLayer, Linear, MaskUpdate, masked_decay_term
+from .merged import record_merged_slorb
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,42 @@ def _resolve(model: nn.Module, config: ASTConfig) -> tuple[list[str], set[str]]:
     selection = config.target_selector().select(model)
     _log_dense_parameters(model, selection.modules)
     return selection.modules, selection.excluded
+
+
+_PEFT_MODEL_PREFIX = "base_model.model."
+
+
+def _policy_trains(name: str, policy: Union[str, list[str]]) -> bool:
+    """Whether ``ASTConfig.trainable_non_target`` trains the parameter ``name`` (named as in the wrapped model)."""
+    if policy == "all":
+        return True
+    if policy == "none":
+        return False
+    name = name.removeprefix(_PEFT_MODEL_PREFIX)  # the same answer from the PeftModel and from the tuner's model
+    return any(re.fullmatch(p, name) or re.search(p, name) for p in policy)
+
+
+def _owned_elsewhere(model: nn.Module) -> tuple[set[str], set[str]]:
+    """(AST layer names, PEFT auxiliary wrapper names, e.g. modules_to_save): their parameters are not policy ones."""
+    layers, aux = set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, ASTLayer):
+            layers.add(name)
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            aux.add(name)
+    return layers, aux
+
+
+def _under(name: str, prefixes: set[str]) -> bool:
+    return any(name.startswith(p + ".") for p in prefixes)
+
+
+def _policy_parameters(model: nn.Module, config: ASTConfig) -> Iterator[tuple[str, nn.Parameter]]:
+    """The non-target parameters that ``config.trainable_non_target`` trains: by the config, not by requires_grad."""
+    layers, aux = _owned_elsewhere(model)
+    for name, param in model.named_parameters():
+        if not _under(name, layers | aux) and _policy_trains(name, config.trainable_non_target):
+            yield name, param
 
 
 def _log_dense_parameters(model: nn.Module, targets: list[str]) -> None:
@@ -88,6 +127,12 @@ class ASTModel(BaseTuner):
         if isinstance(target, ASTLayer):
             target.update_layer(adapter_name, peft_config, current_key)
             return
+        if isinstance(target, SparseLinear):  # a SparseConv1D is a Conv1D: AST would drop its SLoRB branch
+            raise TypeError(
+                f"{current_key}: argument `target_modules` matched a merged AST layer ({type(target).__name__}, with "
+                f"a SLoRB branch); AST cannot train it again. Load the unmerged adapter instead: "
+                f"PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=True)"
+            )
         if not isinstance(target, SUPPORTED_TYPES):
             raise TypeError(
                 f"{current_key}: argument `target_modules` matched a {type(target).__name__}; AST supports "
@@ -103,45 +148,101 @@ class ASTModel(BaseTuner):
         if not isinstance(new_module, ASTLayer):  # unloading: nothing to move
             return
         weight = child.weight
+        meta = torch.device("meta")
         for name, module in new_module.named_modules():
-            if self.prefix in name:
+            # a branch created under low_cpu_mem_usage lives on meta until the adapter's weights are loaded
+            if self.prefix in name and not any(p.device == meta for p in module.parameters()):
                 module.to(weight.device)
 
     # ---- trainability: AST trains the dense target weights themselves ----
+    # What AST trains (and so saves) is the target weights and biases, SLoRB, and the non-target parameters that
+    # `trainable_non_target` names. What trains *now* (requires_grad) is a separate, switchable state: frozen when the
+    # adapter is loaded for inference (PeftModel.from_pretrained's default), toggled by set_requires_grad.
+    def _ast_config(self) -> ASTConfig:
+        return next(iter(self.peft_config.values()))
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        config = next(iter(self.peft_config.values()))
-        policy = config.trainable_non_target
+        config = self._ast_config()
+        train = not config.inference_mode
+        layers, aux = _owned_elsewhere(model)
         for name, param in model.named_parameters():
-            if policy == "all":
-                param.requires_grad = True
-            elif policy == "none":
+            if not _under(name, aux):  # PEFT's modules_to_save wrappers manage their own parameters
+                param.requires_grad = train and _policy_trains(name, config.trainable_non_target)
+        for name in layers:
+            module = model.get_submodule(name)
+            module._set_base_requires_grad(train)
+            for slorb in module.ast_slorb.values():
+                slorb.requires_grad_(train)
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """PEFT's toggle over everything AST trains: target weights/biases and SLoRB (in the layers), the
+        ``trainable_non_target`` parameters, and modules_to_save."""
+        super().set_requires_grad(adapter_names=adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        if names & set(self.peft_config):
+            for _, param in _policy_parameters(self.model, self._ast_config()):
+                param.requires_grad = requires_grad
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        if inference_mode:
+            for _, param in _policy_parameters(self.model, self._ast_config()):
                 param.requires_grad = False
-            else:
-                param.requires_grad = any(re.fullmatch(p, name) or re.search(p, name) for p in policy)
-        for module in model.modules():
-            if isinstance(module, ASTLayer):
-                base = module.get_base_layer()
-                base.weight.requires_grad = True
-                if base.bias is not None:
-                    base.bias.requires_grad = True
-                for slorb in module.ast_slorb.values():
-                    slorb.S.requires_grad = True
-                    if slorb.X is not None:
-                        slorb.X.requires_grad = True
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Masks and SLoRB (PEFT's default) plus the trained dense weights: they are the adapter of AST."""
+        """Masks and SLoRB (PEFT's default) plus the trained dense weights: they are the adapter of AST.
+
+        The weights saved are those the config trains (target weights/biases, ``trainable_non_target``), whatever
+        their current requires_grad (an adapter loaded for inference is frozen but saves the same file), plus any
+        parameter a user unfroze. PEFT's auxiliary wrappers (modules_to_save) are left to PEFT, which saves them once.
+        """
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        for name, module in model.named_modules():
-            if isinstance(module, ASTLayer):
-                for pname, _ in module.get_base_layer().named_parameters():
-                    trainable.add(f"{name}.base_layer.{pname}")
+        layers, aux = _owned_elsewhere(model)
+        saved = {name for name, p in model.named_parameters() if p.requires_grad}
+        saved |= {name for name, _ in _policy_parameters(model, config)}
+        for name in layers:
+            for pname, _ in model.get_submodule(name).get_base_layer().named_parameters():
+                saved.add(f"{name}.base_layer.{pname}")
         for key, value in state_dict.items():
-            if key in trainable:
+            if key in saved and not _under(key, aux):
                 to_return[key] = value
         return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's key remapping, then the saved base-model weights are copied into the existing parameters here.
+
+        Under ``low_cpu_mem_usage`` PEFT loads with ``load_state_dict(assign=True)``, which would replace those
+        parameters with new objects: tied weights (GPT-2's and OPT's lm_head / embeddings) would come apart and the
+        model would compute with the stale copy. Copying in place keeps ties and parameter identity; what is left for
+        ``load_state_dict`` is the adapter's own tensors (masks, and SLoRB, which is on meta under low_cpu_mem_usage).
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        params = dict(model.named_parameters())
+        layers, _ = _owned_elsewhere(model)
+        slorb_prefixes = {f"{name}.ast_slorb" for name in layers}
+        left = {}
+        with torch.no_grad():
+            for key, value in remapped.items():
+                name = key if key in params else key.removeprefix(_PEFT_MODEL_PREFIX)
+                param = params.get(name)
+                if (param is None or param.device.type == "meta" or param.shape != value.shape
+                        or _under(name, slorb_prefixes)):
+                    left[key] = value
+                else:
+                    param.copy_(value)
+        return left
+
+    # ---- unloading: a merge that leaves SLoRB branches records them for transformers' from_pretrained ----
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        if merge:
+            record_merged_slorb(model)
+        return model
 
     # ---- AST helpers used by the trainer and callbacks ----
     def ast_layers(self) -> Iterator[tuple[str, ASTLayer]]:
