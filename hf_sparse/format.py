@@ -10,7 +10,8 @@ Per sparsified linear ``<name>`` with logical weight ``[out, in]`` (GPT-2 Conv1D
 * ``<name>.nm_scales``: ``[out, ceil(in/group_size)]`` (group_size counts *original* input channels; per-channel
   = ``[out, 1]``); ``<name>.nm_zeros`` (asymmetric only), same shape, zero-point in code units.
   Dequantization: ``w = (code - zero) * scale``; symmetric uses ``zero = 2**(bits-1)`` (no zeros tensor).
-* ``<name>.bias`` as is; SLoRB: ``<name>.slorb.S`` (and ``<name>.slorb.X`` when the projection was trained).
+* ``<name>.bias`` as is; SLoRB: ``<name>.slorb.weight`` (and ``<name>.slorb.projection`` when the projection was
+  trained). Version 1 files call them ``slorb.S``/``slorb.X`` (:data:`LEGACY_SLORB_KEYS`); both versions are read.
 
 Both the writer and the loader derive expected shapes/dtypes from :class:`NMSpec`, so they cannot drift.
 """
@@ -32,8 +33,13 @@ __all__ = [
     "POSITIONS",
     "SCALES",
     "ZEROS",
-    "SLORB_S",
-    "SLORB_X",
+    "SLORB_WEIGHT",
+    "SLORB_PROJECTION",
+    "SLORB_KEYS",
+    "LEGACY_SLORB_KEYS",
+    "READABLE_FORMAT_VERSIONS",
+    "canonical_slorb_suffix",
+    "slorb_keys",
     "CHECKSUM_KEY",
     "NMSpec",
     "FormatError",
@@ -47,15 +53,21 @@ __all__ = [
     "unpack_weight",
 ]
 
-FORMAT_VERSION = 1
+# 2: SLoRB tensors renamed slorb.S/X -> slorb.weight/projection. Version 1 files load (names mapped at load).
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 QUANT_METHOD = "hf_sparse"
 
 VALUES = "nm_values"
 POSITIONS = "nm_positions"
 SCALES = "nm_scales"
 ZEROS = "nm_zeros"
-SLORB_S = "slorb.S"
-SLORB_X = "slorb.X"
+SLORB_WEIGHT = "slorb.weight"
+SLORB_PROJECTION = "slorb.projection"
+# version-1 names of the same tensors
+LEGACY_SLORB_KEYS = {"slorb.S": SLORB_WEIGHT, "slorb.X": SLORB_PROJECTION}
+# every suffix a SLoRB tensor of a readable file can carry
+SLORB_KEYS = (SLORB_WEIGHT, SLORB_PROJECTION, *LEGACY_SLORB_KEYS)
 # safetensors ``__metadata__`` keys written into every shard
 CHECKSUM_KEY = "hf_sparse.sha256"
 VERSION_KEY = "hf_sparse.format_version"
@@ -72,6 +84,14 @@ _SAFETENSORS_DTYPES = {
 
 class FormatError(ValueError):
     """A checkpoint does not match the hf_sparse format (shape, dtype, N:M pattern, version, corruption)."""
+
+
+def canonical_slorb_suffix(key: str) -> Optional[str]:
+    """``slorb.weight``/``slorb.projection`` for a tensor key of a SLoRB branch (either version's name), else None."""
+    for suffix in SLORB_KEYS:
+        if key == suffix or key.endswith("." + suffix):
+            return LEGACY_SLORB_KEYS.get(suffix, suffix)
+    return None
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -138,10 +158,10 @@ class NMSpec:
         self.validate()
 
     def validate(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise FormatError(
                 f"quantization_config.format_version={self.format_version!r} is not supported by this hf_sparse "
-                f"(reads version {FORMAT_VERSION}); upgrade hf_sparse or re-export the model."
+                f"(reads versions {list(READABLE_FORMAT_VERSIONS)}); upgrade hf_sparse or re-export the model."
             )
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 1 <= self.n < self.m):
             raise FormatError(f"quantization_config: invalid N:M pattern n={self.n!r}, m={self.m!r}")
@@ -233,10 +253,18 @@ def expected_tensors(spec: NMSpec, out_features: int, in_features: int, has_bias
         tensors["bias"] = ((out_features,), torch.float32)
     if spec.slorb is not None:
         k = spec.slorb["group_size"]
-        tensors[SLORB_S] = ((out_features, in_features // k), torch.float32)
+        weight_key, projection_key = slorb_keys(spec.format_version)
+        tensors[weight_key] = ((out_features, in_features // k), torch.float32)
         if spec.slorb.get("train_projection"):
-            tensors[SLORB_X] = ((in_features // k, in_features), torch.float32)
+            tensors[projection_key] = ((in_features // k, in_features), torch.float32)
     return tensors
+
+
+def slorb_keys(format_version: int = FORMAT_VERSION) -> tuple[str, str]:
+    """The (weight, projection) suffixes of a SLoRB branch as files of ``format_version`` store them."""
+    if format_version == 1:
+        return tuple(LEGACY_SLORB_KEYS)  # type: ignore[return-value]
+    return SLORB_WEIGHT, SLORB_PROJECTION
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -309,7 +337,7 @@ def packed_bytes(spec: NMSpec, out_features: int, in_features: int) -> int:
     """Bytes one packed weight takes on disk (without bias/SLoRB): used by benchmarks and docs."""
     total = 0
     for suffix, (shape, dtype) in expected_tensors(spec, out_features, in_features, False).items():
-        if suffix in (SLORB_S, SLORB_X):
+        if canonical_slorb_suffix(suffix) is not None:
             continue
         total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return total

@@ -103,6 +103,8 @@ class TargetSelector:
     """``target_modules`` / ``exclude_modules`` / ``target_parameters`` with PEFT's semantics (module docstring).
 
     ``exclude_modules=None`` means AST's default excludes (MoE routers); pass ``[]`` to exclude nothing.
+    ``target_parameters=None`` means the fused expert weights of MoE blocks
+    (:func:`hf_sparse.sparsity.experts.default_expert_parameters`); pass ``[]`` to leave them dense.
     """
 
     target_modules: Patterns = None
@@ -147,7 +149,13 @@ class TargetSelector:
                     f"{name}: argument `target_modules` matched a {type(module).__name__}, which AST cannot sparsify "
                     f"(supported: {', '.join(t.__name__ for t in self.supported_types)})."
                 )
-        if self.target_parameters:
+        if self.target_parameters is None:  # AST's default: the fused MoE expert weights (routers are modules)
+            from .sparsity.experts import default_expert_parameters
+
+            found.parameters = [
+                p for p in default_expert_parameters(model) if not matches(p.rsplit(".", 1)[0], self.excludes)
+            ]
+        elif self.target_parameters:
             found.parameters = [
                 pname for pname, _ in model.named_parameters()
                 if any(_name_or_suffix(e, pname) for e in self.target_parameters)

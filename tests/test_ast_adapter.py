@@ -104,7 +104,7 @@ def test_save_load_identical_logits_and_masks(tmp_path, arch, use_slorb, input_i
             layer.get_base_layer().weight.add_(torch.randn_like(layer.get_base_layer().weight) * 0.05)
             layer.update_mask()
             for s in layer.ast_slorb.values():
-                s.S.add_(0.01)
+                s.weight.add_(0.01)
     expected = model(input_ids).logits
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model(arch, seed=123), tmp_path)
@@ -154,14 +154,14 @@ def test_slorb_mean_init_and_group_sum():
     w = layer.get_base_layer().weight.detach()
     mask = layer.ast_mask["default"]
     slorb = layer.ast_slorb["default"]
-    assert slorb.X is None  # fixed projection: no d/k x d matrix is stored
+    assert slorb.projection is None  # fixed projection: no d/k x d matrix is stored
     expected = (w * ~mask).reshape(w.shape[0], -1, 16).mean(-1)
-    torch.testing.assert_close(slorb.S.detach(), expected)
+    torch.testing.assert_close(slorb.weight.detach(), expected)
     x = torch.randn(3, w.shape[1])
     X = torch.zeros(w.shape[1] // 16, w.shape[1])
     for j in range(X.shape[0]):
         X[j, j * 16:(j + 1) * 16] = 1
-    torch.testing.assert_close(slorb(x), x @ X.t() @ slorb.S.t())
+    torch.testing.assert_close(slorb(x), x @ X.t() @ slorb.weight.t())
     # SLoRB at init brings the sparse layer closer to the dense one
     dense_out = x @ w.t()
     err_sparse = (x @ (w * mask).t() - dense_out).norm()
@@ -175,8 +175,8 @@ def test_slorb_trainable_projection_and_zero_init():
     )
     _, layer = ast_layers(model)[0]
     slorb = layer.ast_slorb["default"]
-    assert slorb.X is not None and slorb.X.requires_grad and slorb.X.shape == (4, 64)
-    assert torch.count_nonzero(slorb.S) == 0
+    assert slorb.projection is not None and slorb.projection.requires_grad and slorb.projection.shape == (4, 64)
+    assert torch.count_nonzero(slorb.weight) == 0
 
 
 def test_masked_decay_shrinks_only_pruned_weights():

@@ -30,7 +30,7 @@ def ast_model(arch: str, slorb: bool = False, seed: int = 0, **kw):
             for _, layer in model.named_modules():
                 if isinstance(layer, ASTLayer):
                     for s in layer.ast_slorb.values():
-                        s.S.add_(0.05 * torch.randn_like(s.S))
+                        s.weight.add_(0.05 * torch.randn_like(s.weight))
     return model
 
 
@@ -282,7 +282,7 @@ def test_roundtrip_slorb_with_trained_projection(tmp_path, arch, input_ids):
         for m in model.modules():
             if isinstance(m, ASTLayer):
                 for s in m.ast_slorb.values():
-                    s.X.add_(0.01 * torch.randn_like(s.X))
+                    s.projection.add_(0.01 * torch.randn_like(s.projection))
     hf_sparse.export(model, tmp_path / "x", bits=4, group_size=32)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "x")
     assert loaded.config.quantization_config.slorb == {"group_size": 16, "train_projection": True}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MAX_STEPS, INTERVAL = 6, 2  # 3 recomputes
+MAX_STEPS, INTERVAL, SAVE_STEP = 6, 2, 3  # 3 recomputes; a sharded checkpoint at step 3, between two
 
 
 def _env() -> dict:
@@ -24,16 +24,23 @@ def _env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def _launch(out, *extra: str, mode: str = "--multi_gpu", script_args: tuple = ("fsdp",)) -> subprocess.CompletedProcess:
+def _launch(out, base, *extra: str, mode: str = "--multi_gpu", script_args: tuple = ("fsdp",),
+            resume: str = "") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *extra,
-           os.path.abspath(__file__), str(out), *script_args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+           os.path.abspath(__file__), str(out), *script_args, str(base), resume]
+    return _logged(out, subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240))
 
 
-def _single(out) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, os.path.abspath(__file__), str(out), "single"]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+def _single(out, base) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, os.path.abspath(__file__), str(out), "single", str(base)]
+    return _logged(out, subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240))
+
+
+def _logged(out, proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    with open(os.path.join(out, "launch.log"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    return proc
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -41,10 +48,36 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
+def base(tmp_path_factory):
+    """The dense tiny Llama every run starts from, saved like a Hub model (the adapters name it as their base)."""
+    path = tmp_path_factory.mktemp("base")
+    _tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_out(tmp_path_factory, base):
     out = tmp_path_factory.mktemp("single")
-    _ok(_single(out))
-    return torch.load(out / "result.pt")
+    _ok(_single(out, base))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_run(single_out):
+    return torch.load(single_out / "result.pt")
+
+
+def test_single_process_run_logs_its_distributed_mode(single_out):
+    assert "ASTTrainer: distributed mode single, world size 1 (backend none, device cpu)" in \
+        (single_out / "launch.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def fsdp_out(tmp_path_factory, base):
+    """The uninterrupted FSDP2 run (TrainingArguments route); it writes a sharded checkpoint and the final model."""
+    out = tmp_path_factory.mktemp("fsdp")
+    _ok(_launch(out, base))
+    return out
 
 
 def _check_fsdp2_run(out, single: dict) -> None:
@@ -54,15 +87,25 @@ def _check_fsdp2_run(out, single: dict) -> None:
         assert r["weight_is_dtensor"] and r["mask_is_dtensor"] and r["teacher_weight_is_dtensor"]
         assert not r["ddp"]
     assert info[0]["gate_local_shape"] == [46, 64] and info[1]["gate_local_shape"] == [45, 64]  # 91 rows: uneven
-    fsdp = torch.load(out / "result.pt")
-    assert len(fsdp["losses"]) == len(single["losses"]) == MAX_STEPS
-    for a, b in zip(fsdp["losses"], single["losses"]):
-        assert a == pytest.approx(b, rel=1e-5)
+    log = (out / "launch.log").read_text()  # the start-of-training line, once per rank
+    assert log.count("ASTTrainer: distributed mode FSDP2, world size 2 (backend gloo, device cpu)") == 2, log[-3000:]
+    _check_same_run(torch.load(out / "result.pt"), single, steps=range(1, MAX_STEPS + 1))
+
+
+def _check_same_run(fsdp: dict, single: dict, steps: range) -> None:
+    """Losses at ``steps``, masks after every recompute within them, final counters, metrics and weights."""
+    assert fsdp["steps_run"] == list(steps)  # the optimizer steps this run took (a resumed run: only the rest)
+    assert set(steps) <= set(fsdp["losses"]) and set(steps) <= set(single["losses"])
+    for step in steps:
+        assert fsdp["losses"][step] == pytest.approx(single["losses"][step], rel=1e-5), step
+        assert fsdp["learning_rates"][step] == pytest.approx(single["learning_rates"][step], rel=1e-9), step
     assert fsdp["num_recomputes"] == single["num_recomputes"] == MAX_STEPS // INTERVAL
-    assert len(fsdp["masks"]) == len(single["masks"]) == MAX_STEPS // INTERVAL
-    for a, b in zip(fsdp["masks"], single["masks"]):  # after every recompute
-        assert torch.equal(a, b)
+    recomputes = [s for s in steps if s % INTERVAL == 0]
+    assert sorted(fsdp["masks"]) == recomputes and set(recomputes) <= set(single["masks"])
+    for step in recomputes:  # after every recompute
+        assert torch.equal(fsdp["masks"][step], single["masks"][step]), step
     assert fsdp["flip_rate_vs_initial"] == single["flip_rate_vs_initial"] > 0  # the masks moved, identically
+    assert fsdp["lambda"] == single["lambda"] > 0
     assert fsdp["metrics"] == pytest.approx(single["metrics"], rel=1e-5)
     assert fsdp["weights"].keys() == single["weights"].keys()
     for name, w in single["weights"].items():
@@ -74,21 +117,68 @@ def _check_fsdp2_run(out, single: dict) -> None:
         assert float((got - w).norm() / w.norm()) < 1e-5, name
 
 
-def test_fsdp2_trainer_arguments_two_cpu_processes_match_one_process(tmp_path, single_run):
+def test_fsdp2_trainer_arguments_two_cpu_processes_match_one_process(fsdp_out, single_run):
     """TrainingArguments(fsdp=True, fsdp_config={"version": 2, ...}) under a plain 2-process launch."""
-    _ok(_launch(tmp_path))
-    _check_fsdp2_run(tmp_path, single_run)
+    _check_fsdp2_run(fsdp_out, single_run)
 
 
-def test_fsdp2_accelerate_config_two_cpu_processes_match_one_process(tmp_path, single_run):
+def test_fsdp2_accelerate_config_two_cpu_processes_match_one_process(tmp_path, base, single_run):
     """The accelerate config route (what recipes/accelerate/fsdp2-cpu.yaml sets), no fsdp in the arguments."""
-    _ok(_launch(tmp_path, "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+    _ok(_launch(tmp_path, base, "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                 "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", mode="--use_fsdp", script_args=("env",)))
     _check_fsdp2_run(tmp_path, single_run)
 
 
-def test_fsdp1_is_refused_at_start_with_the_fsdp2_config(tmp_path):
-    proc = _launch(tmp_path, "--fsdp_version", "1", "--fsdp_auto_wrap_policy", "NO_WRAP", mode="--use_fsdp",
+def test_fsdp2_resume_from_sharded_checkpoint_equals_uninterrupted_run(tmp_path, base, fsdp_out, single_run):
+    """checkpoint-3 of the uninterrupted FSDP2 run is sharded (DCP model + optimizer, no full weights file); a
+    fresh 2-process run resumed from it ends where the uninterrupted run (and the single process) ended."""
+    from hf_sparse.training.checkpoints import is_complete_checkpoint
+
+    checkpoint = fsdp_out / "out" / f"checkpoint-{SAVE_STEP}"
+    names = set(os.listdir(checkpoint))
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "ast_state.safetensors", "trainer_state.json"} <= names, names
+    assert not names & {"adapter_model.safetensors", "model.safetensors"}  # no full gather per checkpoint
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= names
+    assert is_complete_checkpoint(str(checkpoint))
+    _ok(_launch(tmp_path, base, resume=str(checkpoint)))
+    resumed = torch.load(tmp_path / "result.pt")
+    uninterrupted = torch.load(fsdp_out / "result.pt")
+    _check_same_run(resumed, uninterrupted, steps=range(SAVE_STEP + 1, MAX_STEPS + 1))
+    for name, w in uninterrupted["weights"].items():
+        assert torch.allclose(resumed["weights"][name], w, rtol=1e-5, atol=1e-6), name
+
+
+def test_fsdp2_final_model_exports_and_reloads_like_the_single_process_one(tmp_path, fsdp_out, single_out):
+    """save_model() under FSDP2 writes one full AST adapter (rank 0, gathered masks); `hf-sparse export` takes it
+    as it is, and the export loads with from_pretrained with the single-process export's logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import hf_sparse
+    from hf_sparse.cli import main as cli
+    from hf_sparse.modules.packed_linear import PackedNMLinear
+
+    final = fsdp_out / "final"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(final))
+    assert not [n for n in os.listdir(final) if n.startswith(("pytorch_model_fsdp", "optimizer"))]
+    fsdp_sd = load_file(final / "adapter_model.safetensors")
+    single_sd = load_file(single_out / "final" / "adapter_model.safetensors")
+    assert fsdp_sd.keys() == single_sd.keys()
+    mask_key = next(k for k in fsdp_sd if k.endswith("layers.0.mlp.gate_proj.ast_mask"))
+    assert fsdp_sd[mask_key].shape == (91, 64) and torch.equal(fsdp_sd[mask_key], single_sd[mask_key])  # whole
+    assert cli(["export", str(final), str(tmp_path / "fsdp_export")]) == 0
+    hf_sparse.export(single_out / "final", tmp_path / "single_export")
+    fsdp_model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp_export")
+    single_model = AutoModelForCausalLM.from_pretrained(tmp_path / "single_export")
+    assert isinstance(fsdp_model.model.layers[0].mlp.gate_proj, PackedNMLinear)
+    ids = torch.randint(0, fsdp_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = fsdp_model(ids).logits, single_model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_fsdp1_is_refused_at_start_with_the_fsdp2_config(tmp_path, base):
+    proc = _launch(tmp_path, base, "--fsdp_version", "1", "--fsdp_auto_wrap_policy", "NO_WRAP", mode="--use_fsdp",
                    script_args=("env",))  # the script asks for nothing: the launcher's FSDP1 is what is refused
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
@@ -141,10 +231,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _main(out: str, mode: str) -> None:
+def _main(out: str, mode: str, base: str, resume: str = "") -> None:
+    """``mode``: single | fsdp (TrainingArguments) | env (the launcher's FSDP config); ``resume``: a checkpoint to
+    copy into this run's output dir and resume from. The base model is loaded from ``base`` (a saved tiny Llama)."""
+    import shutil
+
     from test_training_utils import ast_args, hamlet_blocks
     from torch.distributed.tensor import DTensor
-    from transformers import TrainerCallback, default_data_collator
+    from transformers import AutoModelForCausalLM, TrainerCallback, default_data_collator
 
     from hf_sparse import ASTConfig, ASTTrainer
     from hf_sparse.training.callbacks import find_ast_model
@@ -158,31 +252,47 @@ def _main(out: str, mode: str) -> None:
     if sharded:
         extra = dict(fsdp=True,
                      fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-    args = ast_args(os.path.join(out, "out"), max_steps=MAX_STEPS,
+    run_dir = os.path.join(out, "out")
+    if resume:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            shutil.copytree(resume, os.path.join(run_dir, os.path.basename(resume)))
+    args = ast_args(run_dir, max_steps=MAX_STEPS,
                     per_device_train_batch_size=8 if mode == "single" else 4,
-                    gradient_accumulation_steps=2, logging_steps=1, ast_plot=False, learning_rate=5e-3, **extra)
-    masks: list[torch.Tensor] = []
+                    gradient_accumulation_steps=2, logging_steps=1, ast_plot=False, learning_rate=5e-3,
+                    save_strategy="steps", save_steps=SAVE_STEP, lr_scheduler_type="cosine", warmup_steps=2,
+                    **extra)
+    masks: dict[int, torch.Tensor] = {}
+    steps_run: list[int] = []
 
     class RecordMasks(TrainerCallback):
         def on_optimizer_step(self, args, state, control, **kwargs):
-            if trainer.ast_callback.num_recomputes > len(masks):  # the AST callback ran first: a recompute
+            step = state.global_step + 1
+            steps_run.append(step)
+            if trainer.ast_callback.recompute_due(step):  # the AST callback ran first: recomputed at this step
                 ast_model, _ = find_ast_model(trainer.model)
-                masks.append(torch.cat([_full(l.ast_mask["default"]).flatten() for _, l in ast_model.ast_layers()]))
+                masks[step] = torch.cat([_full(l.ast_mask["default"]).flatten() for _, l in ast_model.ast_layers()])
 
-    trainer = ASTTrainer(model=_tiny_llama(), args=args, ast_config=config, train_dataset=hamlet_blocks(32),
-                         data_collator=default_data_collator, callbacks=[RecordMasks()])
-    trainer.train()
+    trainer = ASTTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args, ast_config=config,
+                         train_dataset=hamlet_blocks(32), data_collator=default_data_collator,
+                         callbacks=[RecordMasks()])
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_model(os.path.join(out, "final"))  # FSDP2: the full state dict, written once by rank 0
     ast_model, _ = find_ast_model(trainer.model)
     weights = {name: _full(p) for name, p in trainer.model.named_parameters()}
     for name, layer in ast_model.ast_layers():  # the merged (exactly N:M) target weights
         weights[name + ".merged"] = _full(layer.get_base_layer().weight) * _full(layer.ast_mask["default"])
-    last_log = [h for h in trainer.state.log_history if "loss" in h][-1]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    callback = trainer.ast_callback
     result = {
-        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "losses": {h["step"]: h["loss"] for h in logs},
+        "steps_run": steps_run,
         "masks": masks,
-        "num_recomputes": trainer.ast_callback.num_recomputes,
-        "flip_rate_vs_initial": trainer.ast_callback.last_flip["ast/flip_rate_vs_initial"],
-        "metrics": {k: v for k, v in last_log.items() if k.startswith("ast/") and "seconds" not in k},
+        "num_recomputes": callback.num_recomputes,
+        "flip_rate_vs_initial": callback.last_flip["ast/flip_rate_vs_initial"],
+        "lambda": callback.current_lambda,
+        "metrics": {k: v for k, v in logs[-1].items() if k.startswith("ast/") and "seconds" not in k},
+        "learning_rates": {h["step"]: h["learning_rate"] for h in logs},
         "weights": weights,
     }
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -208,4 +318,8 @@ def _main(out: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("hf_sparse").setLevel(logging.INFO)
     _main(*sys.argv[1:])

@@ -308,11 +308,11 @@ def test_initialize_ast_masks_equals_oneshot(arch, method):
         slorb = layer.ast_slorb["default"]
         from hf_sparse.modules import slorb_mean_init
 
-        torch.testing.assert_close(slorb.S, slorb_mean_init(layer._out_in(weight), layer._out_in(mask), 16))
+        torch.testing.assert_close(slorb.weight, slorb_mean_init(layer._out_in(weight), layer._out_in(mask), 16))
     # the AST model now computes exactly what the one-shot pruned model computes (SLoRB off)
     with torch.no_grad():
         for _, layer in ast_model.ast_layers():
-            layer.ast_slorb["default"].S.zero_()
+            layer.ast_slorb["default"].weight.zero_()
         torch.testing.assert_close(ast(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 

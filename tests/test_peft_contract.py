@@ -105,19 +105,19 @@ def test_4_slorb_follows_autocast_adapter_dtype():
     assert kept(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("where", ["S", "weight"])
+@pytest.mark.parametrize("where", ["slorb", "weight"])
 def test_5_safe_merge_checks_the_slorb_branch(where):
     model = get_peft_model(seq(), seq_config())
     layer = model.base_model.model[2]
     with torch.no_grad():
-        if where == "S":
-            layer.ast_slorb["default"].S[0, 0] = float("nan")
+        if where == "slorb":
+            layer.ast_slorb["default"].weight[0, 0] = float("nan")
         else:
             layer.get_base_layer().weight[layer.ast_mask["default"]] = float("inf")
     before = layer.get_base_layer().weight.detach().clone()
     with pytest.raises(ValueError, match=NAN_MSG) as err:
         model.merge_and_unload(safe_merge=True)
-    assert str(err.value).startswith("2: ") and (where != "S" or "SLoRB S" in str(err.value))
+    assert str(err.value).startswith("2: ") and (where != "slorb" or "SLoRB weight" in str(err.value))
     assert torch.equal(layer.get_base_layer().weight, before)  # nothing written
 
 
@@ -174,7 +174,7 @@ def test_8_merged_checkpoint_missing_a_branch_tensor_is_refused(tmp_path):
     merged = get_peft_model(tiny_model("llama"), ASTConfig(use_slorb=True)).merge_and_unload()
     merged.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    victim = next(k for k in tensors if k.endswith(".slorb.S"))
+    victim = next(k for k in tensors if k.endswith(".slorb.weight"))
     del tensors[victim]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"{victim.replace('.', '[.]')} is missing from the checkpoint"):
@@ -288,7 +288,7 @@ def test_merge_unmerge_double_merge_safe_merge(arch, slorb, input_ids):
     with torch.no_grad():
         layer = next(m for m in model.modules() if isinstance(m, ASTLayer))
         if slorb:
-            layer.ast_slorb["default"].S[0, 0] = float("nan")
+            layer.ast_slorb["default"].weight[0, 0] = float("nan")
         else:  # at kept positions: what the merge writes
             layer.get_base_layer().weight[layer.ast_mask["default"]] = float("nan")
     with pytest.raises(ValueError, match=NAN_MSG):

@@ -20,7 +20,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..atomic import atomic_directory, check_output_directory
 from ..calibration import as_model_inputs
-from ..format import POSITIONS, SCALES, SLORB_S, SLORB_X, VALUES, ZEROS, NMSpec, dtype_name
+from ..format import (
+    POSITIONS, SCALES, SLORB_KEYS, SLORB_PROJECTION, SLORB_WEIGHT, VALUES, ZEROS, NMSpec, canonical_slorb_suffix,
+    dtype_name,
+)
 from ..modules import SLoRB, SparseLinear
 from ..quantization import PackedWeight, get_quantization_method
 from ..quantization.config import HfSparseConfig
@@ -28,6 +31,7 @@ from ..sparsity.nm import is_nm_sparse, nm_mask
 from ..targets import TargetSelector, matches
 from ..tuners.ast.layer import ASTLayer
 from .model_card import write_model_card
+from .provenance import check_adapter_base, save_tokenizer, source_defaults
 from .writer import write_json, write_shards
 
 logger = logging.getLogger(__name__)
@@ -186,7 +190,7 @@ def _slorb_spec(sources: list[SparseSource]) -> Optional[dict[str, Any]]:
     ks = {sl.k for sl in slorbs}
     if len(ks) != 1:
         raise ValueError(f"export: SLoRB group sizes differ across targets ({sorted(ks)})")
-    return {"group_size": ks.pop(), "train_projection": any(sl.X is not None for sl in slorbs)}
+    return {"group_size": ks.pop(), "train_projection": any(sl.projection is not None for sl in slorbs)}
 
 
 @dataclass
@@ -263,6 +267,7 @@ def load_for_export(path: Path) -> nn.Module:
     if (path / "adapter_config.json").exists():  # PEFT's own loader: base model from the adapter config, then the adapter
         from peft import AutoPeftModelForCausalLM
 
+        check_adapter_base(path)  # a clear error, not the Hub asked for "None/config.json"
         peft_model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype="auto")
         peft_model._hf_sparse_source_path = str(path)
         return peft_model
@@ -271,19 +276,20 @@ def load_for_export(path: Path) -> nn.Module:
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                for suffix in (SLORB_S, SLORB_X):
+                for suffix in SLORB_KEYS:  # today's names and version 1's slorb.S/X
                     if key.endswith("." + suffix):
-                        slorb_tensors.setdefault(key[: -len(suffix) - 1], {})[suffix] = f.get_tensor(key)
+                        module_name = key[: -len(suffix) - 1]
+                        slorb_tensors.setdefault(module_name, {})[canonical_slorb_suffix(suffix)] = f.get_tensor(key)
     for name, tensors in slorb_tensors.items():
         module = model.get_submodule(name)
         conv = isinstance(module, Conv1D)
         in_f, out_f = (module.weight.shape if conv else module.weight.shape[::-1])
-        S = tensors[SLORB_S]
-        slorb = SLoRB(in_f, out_f, in_f // S.shape[1], train_projection=SLORB_X in tensors)
+        slorb_weight = tensors[SLORB_WEIGHT]
+        slorb = SLoRB(in_f, out_f, in_f // slorb_weight.shape[1], train_projection=SLORB_PROJECTION in tensors)
         with torch.no_grad():
-            slorb.S.copy_(S)
-            if SLORB_X in tensors:
-                slorb.X.copy_(tensors[SLORB_X])
+            slorb.weight.copy_(slorb_weight)
+            if SLORB_PROJECTION in tensors:
+                slorb.projection.copy_(tensors[SLORB_PROJECTION])
         model.set_submodule(name, SparseLinear(module.weight, module.bias, slorb.to(module.weight.dtype), conv))
     model._hf_sparse_source_path = str(path)
     return model.eval()
@@ -329,10 +335,14 @@ def export(
             (``bits=4, group_size=128, method="gptq"``), which override the config's.
         calibration_data: token ids or batches, for ``method="gptq"``.
         dtype: storage dtype of the dense rest (embeddings, norms, lm_head, biases, SLoRB); None keeps the model's.
-        card: model card fields (see :func:`hf_sparse.exporters.model_card.render_model_card`); a card is always written.
+        tokenizer: saved beside the weights: a tokenizer, or the directory / hub id to take it from; None takes the
+            source directory's (or its base model's) when ``model`` is a path.
+        card: model card fields (see :func:`hf_sparse.exporters.model_card.render_model_card`); a card is always
+            written. When ``model`` is a path, what the source recorded (base model, method, recipe) fills the rest.
     """
     config = HfSparseConfig.from_options(quantization_config, **options)
-    if isinstance(model, (str, Path)):
+    if isinstance(model, (str, Path)):  # the source's tokenizer and provenance come along
+        tokenizer, card = source_defaults(Path(model), tokenizer, card)
         model = load_for_export(Path(model))
     prep = prepare_export(model, config, dtype)
     inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
@@ -352,9 +362,10 @@ def export(
         if s.bias is not None:
             tensors[f"{s.name}.bias"] = s.bias.detach().to(dtype or s.bias.dtype)
         if s.slorb is not None:
-            tensors[f"{s.name}.{SLORB_S}"] = s.slorb.S.detach().to(dtype or s.slorb.S.dtype)
-            if s.slorb.X is not None:
-                tensors[f"{s.name}.{SLORB_X}"] = s.slorb.X.detach().to(dtype or s.slorb.X.dtype)
+            tensors[f"{s.name}.{SLORB_WEIGHT}"] = s.slorb.weight.detach().to(dtype or s.slorb.weight.dtype)
+            if s.slorb.projection is not None:
+                projection = s.slorb.projection
+                tensors[f"{s.name}.{SLORB_PROJECTION}"] = projection.detach().to(dtype or projection.dtype)
 
     model_config = copy.deepcopy(inner.config)
     model_config.quantization_config = prep.config.to_dict()
@@ -365,10 +376,9 @@ def export(
         generation_config = getattr(inner, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)  # a tokenizer object, or the directory / hub id it comes from
         card = dict(card or {})
-        card.setdefault("method", config.method if spec.bits < 16 else "rtn")
+        card.setdefault("quant_method", config.method if spec.bits < 16 else "rtn")
         if card.get("recipe") is not None:
             write_json(card["recipe"], tmp / "hf_sparse_recipe.json")
         write_model_card(tmp, spec, model_config, **card)

@@ -65,7 +65,9 @@ def _calibration(args: argparse.Namespace, source: Path):
 
     from ..calibration import consecutive_windows
 
-    tok = AutoTokenizer.from_pretrained(str(source))
+    from .provenance import tokenizer_source
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_source(source) or str(source))
     try:
         return consecutive_windows(tok, args.calibration_file.read_text(encoding="utf-8"), args.num_samples, args.seq_len)
     except ValueError as err:
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from ..quantization.config import HfSparseConfig
     from . import EXPORT_FORMATS
     from .api import load_for_export
+    from .provenance import source_defaults
 
     source = Path(_path_argument(args.source, args.model_opt, "SOURCE", "--model"))
     out_dir = _path_argument(args.out_dir, args.out_opt, "OUT_DIR", "--output-dir")
@@ -97,11 +100,12 @@ def run(args: argparse.Namespace) -> int:
                                 symmetric=not args.asymmetric, method=args.method, targets=args.targets)
     except (OutputDirectoryError, ValueError) as err:
         raise SystemExit(f"hf-sparse export: {err}") from None
+    # what the source recorded (base model, method, recipe, evaluation) and its tokenizer + chat template come along
+    tokenizer, card = source_defaults(source, None, {"base_model": args.base_model, "token_budget": args.token_budget})
     model = load_for_export(source)
-    card = {"base_model": args.base_model, "token_budget": args.token_budget}
     write = EXPORT_FORMATS.get_entry(args.fmt)
     out = write(model, out_dir, config, calibration_data=_calibration(args, source), dtype=parse_dtype(args.dtype),
-                card=card, overwrite=args.overwrite)
+                card=card, overwrite=args.overwrite, tokenizer=tokenizer)
     print(f"exported to {out}")
     if args.push_to_hub:
         from ..integrations.hub import push_export_to_hub

@@ -23,6 +23,7 @@ from ..format import NMSpec
 from ..quantization.config import HfSparseConfig
 from .api import dense_state_dict, pack_sources, prepare_export, source_paths
 from .model_card import write_model_card
+from .provenance import save_tokenizer
 from .writer import write_shards
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def export_compressed_tensors(
     dtype: Optional[torch.dtype] = None,
     card: Optional[dict[str, Any]] = None,
     overwrite: bool = False,
+    tokenizer: Any = None,
     **options: Any,
 ) -> Path:
     """Write a compressed-tensors (``bits`` 8/4) or dense (``bits`` 16) checkpoint of the N:M model.
@@ -122,8 +124,10 @@ def export_compressed_tensors(
         generation_config = getattr(inner, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         card = dict(card or {})
-        card.setdefault("method", method)
+        card.setdefault("quant_method", method)
+        card["export_format"] = "compressed-tensors"  # the card says how to load *this* format
         write_model_card(tmp, spec, config, **card)
     return Path(out_dir)
 

@@ -15,6 +15,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..format import NMSpec
+from .provenance import is_hub_id, write_provenance
 
 __all__ = ["TEMPLATE_PATH", "create_model_card_for_trainer", "read_template", "render_model_card", "write_model_card"]
 
@@ -35,22 +36,44 @@ def render_model_card(
     recipe: Optional[Any] = None,
     token_budget: Optional[int | str] = None,
     evaluation: Optional[list[dict[str, Any]]] = None,
-    method: str = "rtn",
+    method: Optional[str] = None,
     repo_id: Optional[str] = None,
     model_name: Optional[str] = None,
     license: Optional[str] = None,
     template_path: Optional[str | Path] = None,
+    *,
+    quant_method: Optional[str] = None,
+    sparsity_method: Optional[str] = None,
+    export_format: str = "hf_sparse",
+    reexported_from: Optional[str] = None,
 ) -> ModelCard:
-    """Render the card. ``evaluation``: rows ``{"metric": ..., "dense": ..., "sparse": ...}``."""
+    """Render the card. ``evaluation``: rows ``{"metric": ..., "dense": ..., "sparse": ...}``.
+
+    ``quant_method`` is how the kept values were quantized (``rtn``, ``gptq``), ``sparsity_method`` how the mask was
+    found (``AST``, ``sparsegpt (one-shot)``, ...; None: not recorded, and the card says so). ``method`` is the
+    old single field: a quantization method name lands in ``quant_method``, anything else in ``sparsity_method``.
+    ``export_format`` (``hf_sparse`` / ``compressed-tensors``) picks the "how to load" section.
+    """
+    if method is not None:
+        quant_names = _quantization_method_names()
+        if method in quant_names:
+            quant_method = quant_method or method
+        else:
+            sparsity_method = sparsity_method or method
     architecture = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
     base_model = base_model or getattr(config, "_name_or_path", None) or None
+    base_model = str(base_model) if base_model else None
+    if sparsity_method and sparsity_method.lower() == "ast":
+        sparsity_method = "AST"
     tags = ["hf_sparse", f"{spec.n}:{spec.m}-sparsity", "semi-structured-sparsity"]
     if spec.bits < 16:
         tags.append(f"int{spec.bits}")
+    if export_format == "compressed-tensors":
+        tags.append("compressed-tensors")
     card_data = ModelCardData(
         library_name="transformers",
         tags=tags,
-        base_model=base_model if base_model and "/" in str(base_model) and not Path(str(base_model)).exists() else None,
+        base_model=base_model if is_hub_id(base_model) else None,
         license=license,
         pipeline_tag="text-generation",
     )
@@ -63,7 +86,9 @@ def render_model_card(
         ", trained projection" if spec.slorb.get("train_projection") else ""
     )
     if token_budget is not None and isinstance(token_budget, int):
-        token_budget = f"{token_budget:,}"
+        token_budget = f"{token_budget:,}" if token_budget else "0 (one-shot, no training)"
+    if token_budget is None:
+        token_budget = "not recorded"
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path) if template_path else None,
@@ -75,24 +100,49 @@ def render_model_card(
         symmetric=spec.symmetric,
         values_dtype=spec.values_dtype,
         group_desc=group_desc,
-        method=method,
+        quant_method=quant_method or "rtn",
+        method=quant_method or "rtn",  # old templates
+        sparsity_method=sparsity_method,
         num_targets=len(spec.targets),
         slorb_desc=slorb_desc,
         architecture=architecture,
         base_model=base_model,
+        base_model_is_hub=is_hub_id(base_model),
+        license=license,
         recipe=recipe_text,
         token_budget=token_budget,
         evaluation=evaluation or [],
         format_version=spec.format_version,
+        export_format=export_format,
+        reexported_from=reexported_from,
         repo_id=repo_id,
     )
 
 
+def _quantization_method_names() -> set[str]:
+    from ..quantization import QUANTIZATION_METHODS
+
+    return set(QUANTIZATION_METHODS)
+
+
 def write_model_card(directory: str | Path, spec: NMSpec, config: Any = None, **fields: Any) -> Path:
-    """Render the card into ``directory/README.md`` (called by every export)."""
+    """Render the card into ``directory/README.md`` (called by every export), and its facts into
+    :data:`~hf_sparse.exporters.provenance.PROVENANCE_FILE` so that a re-export states the same provenance."""
     path = Path(directory) / "README.md"
-    render_model_card(spec, config, **fields).save(str(path))
+    card = render_model_card(spec, config, **fields)
+    card.save(str(path))
+    facts = {k: fields.get(k) for k in _PROVENANCE_KEYS}
+    method = fields.get("method")
+    if method is not None and not facts.get("sparsity_method") and method not in _quantization_method_names():
+        facts["sparsity_method"] = "AST" if str(method).lower() == "ast" else method
+    facts["base_model"] = facts.get("base_model") or card.data.base_model
+    facts["export_format"] = fields.get("export_format") or "hf_sparse"
+    write_provenance(directory, facts)
     return path
+
+
+_PROVENANCE_KEYS = ("base_model", "sparsity_method", "token_budget", "recipe", "evaluation", "license",
+                    "reexported_from", "export_format")
 
 
 def create_model_card_for_trainer(trainer: Any, **fields: Any) -> bool:
@@ -115,6 +165,7 @@ def create_model_card_for_trainer(trainer: Any, **fields: Any) -> bool:
     tokens = getattr(getattr(trainer, "state", None), "num_input_tokens_seen", 0) or None
     fields.setdefault("token_budget", tokens)
     fields.setdefault("base_model", config.get("_name_or_path") or None)
-    known = {"base_model", "recipe", "token_budget", "evaluation", "method", "repo_id", "model_name", "license", "template_path"}
+    known = {"base_model", "recipe", "token_budget", "evaluation", "method", "repo_id", "model_name", "license",
+             "template_path", "quant_method", "sparsity_method", "export_format", "reexported_from"}
     write_model_card(out, spec, None, **{k: v for k, v in fields.items() if k in known})
     return True

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from huggingface_hub.utils import filter_repo_objects
 
+from ..exporters.provenance import PROVENANCE_FILE, TOKENIZER_FILES
 from ..exporters.model_card import (  # re-exported: the card helpers lived here before
     TEMPLATE_PATH,
     create_model_card_for_trainer,
@@ -40,12 +41,10 @@ UPLOAD_ALLOW_PATTERNS = [
     "config.json",
     "generation_config.json",
     "hf_sparse_recipe.json",
+    PROVENANCE_FILE,
     "README.md",
     "tokenizer*",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
+    *[name for name in TOKENIZER_FILES if not name.startswith("tokenizer")],  # what save_tokenizer writes
     "recipe.yaml",
 ]
 # never upload temp/hidden files or training leftovers that happen to sit beside an export

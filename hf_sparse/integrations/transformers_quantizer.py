@@ -27,10 +27,11 @@ from ..format import (
     CHECKSUM_KEY,
     POSITIONS,
     QUANT_METHOD,
-    SLORB_S,
-    SLORB_X,
+    LEGACY_SLORB_KEYS,
+    SLORB_KEYS,
     FormatError,
     NMSpec,
+    canonical_slorb_suffix,
     expected_tensors,
     positions_valid,
     safetensors_dtype,
@@ -77,12 +78,12 @@ def _read_headers(checkpoint_files: list[str], verify: bool) -> dict[str, tuple[
 
 
 def _is_packed_key(key: str) -> bool:
-    """A tensor only a PackedNMLinear holds: ``<module>.nm_*`` or its SLoRB branch ``<module>.slorb.S/X``."""
-    return key.rpartition(".")[2].startswith("nm_") or key.endswith(("." + SLORB_S, "." + SLORB_X))
+    """A tensor only a PackedNMLinear holds: ``<module>.nm_*`` or its SLoRB branch ``<module>.slorb.*``."""
+    return key.rpartition(".")[2].startswith("nm_") or canonical_slorb_suffix(key) is not None
 
 
 def _packed_module(key: str) -> str:
-    for suffix in (SLORB_S, SLORB_X):
+    for suffix in SLORB_KEYS:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1]
     return key.rpartition(".")[0]
@@ -237,7 +238,7 @@ def check_module_tensors(
         if got_shape != shape:
             raise FormatError(f"{key}: shape {list(got_shape)} does not match the format's {list(shape)} for a "
                               f"{out_features}x{in_features} {spec.n}:{spec.m} bits={spec.bits} layer")
-        float_ok = suffix in ("bias", "slorb.S", "slorb.X") and got_dtype.is_floating_point
+        float_ok = (suffix == "bias" or canonical_slorb_suffix(suffix) is not None) and got_dtype.is_floating_point
         if got_dtype != dtype and not float_ok:
             raise FormatError(f"{key}: dtype {got_dtype} does not match the format's {dtype}")
 
@@ -275,6 +276,17 @@ class HfSparseHfQuantizer(HfQuantizer):
             check_stray_packed_tensors(spec.targets, header.keys())
             check_missing_tensors(model, header.keys(), self)
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """Version-1 files name SLoRB's tensors ``slorb.S``/``slorb.X``: rename them to the module's parameters."""
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        if self.quantization_config.spec.format_version != 1:
+            return conversions
+        from transformers.core_model_loading import WeightRenaming
+
+        # plain names (no regex anchors) so transformers can reverse them: a re-save writes version 1 names again,
+        # matching the format_version=1 its config keeps
+        return [WeightRenaming(old, new) for old, new in LEGACY_SLORB_KEYS.items()] + list(conversions)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         spec = self.quantization_config.spec

@@ -68,6 +68,16 @@ def load_model_and_tokenizer(name_or_path: Optional[str], dtype: torch.dtype = t
     return model, tokenizer
 
 
+BUNDLED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what hf_sparse.assets converts (Apache-2.0)
+
+
+def _base_model_name(model: Optional[str]) -> str:
+    """The base model as a card should name it: a hub id as given, a local path made absolute, the bundled one's id."""
+    if model is None:
+        return BUNDLED_BASE_MODEL
+    return os.path.abspath(model) if os.path.exists(model) else model
+
+
 def _default_calibration_text() -> list[str]:
     try:
         from ..assets import shakespeare  # type: ignore[attr-defined]
@@ -99,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sparsity.nm import input_dim_of, nm_violations
     from .api import prune_oneshot, select_targets
     from ..calibration import as_batches
+    from ..exporters.provenance import save_tokenizer
 
     sources = [args.model] if args.model and os.path.exists(args.model) else []  # a local dir or .gguf: never replaced
     try:  # refuse before loading and pruning
@@ -122,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "method": args.method,
         "model": args.model,
+        "base_model": _base_model_name(args.model),  # what the export's model card names (and links, for a hub id)
+        "license": "apache-2.0" if args.model is None else None,  # the bundled SmolLM2's; else read from its card
         "n": args.n,
         "m": args.m,
         "num_targets": len(masks),
@@ -131,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_directory(args.output_dir, overwrite=args.overwrite, sources=sources, writer="hf_sparse.prune",
                           argument="--output-dir") as tmp:
         model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)  # the one helper exports use too (chat template included)
         with open(os.path.join(tmp, "hf_sparse_oneshot.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     print(f"{args.method} {args.n}:{args.m}: pruned {len(masks)} modules in {seconds:.1f}s -> {args.output_dir}")

@@ -20,7 +20,16 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HfSparseQuantizer", "PRUNE_METHODS"]
 
-PRUNE_METHODS = ("magnitude", "none")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "none")
+CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")
+#: said (logger.warning, and by ``optimum-cli export hf-sparse`` on stderr) whenever a dense model is magnitude-pruned
+MAGNITUDE_PRUNE_WARNING = (
+    "one-shot magnitude {n}:{m} pruning of a dense model destroys its quality (SmolLM2-135M: held-out perplexity "
+    "1,694 vs 31.1 dense; the export is not a usable model). Prune with SparseGPT instead (`optimum-cli export "
+    "hf-sparse --prune sparsegpt --calibration-file TEXT`, or HfSparseQuantizer.quantize(prune='sparsegpt', "
+    "calibration_data=ids)), and recover quality with AST training (`hf-sparse train RECIPE.yaml`, then export "
+    "the run)"
+)
 
 
 class HfSparseQuantizer(OptimumQuantizer):
@@ -51,6 +60,7 @@ class HfSparseQuantizer(OptimumQuantizer):
         validate_nm(n, m, module_name="HfSparseQuantizer")
         self.model, self.n, self.m = model, n, m
         self.target_modules, self.exclude_modules, self.tokenizer = target_modules, exclude_modules, tokenizer
+        self.pruned_with: Optional[str] = None  # the method prune() applied to dense targets (for the model card)
 
     @classmethod
     def from_pretrained(cls, model_or_path: Union[str, Path, nn.Module], file_name: Optional[str] = None, **kwargs: Any):
@@ -71,7 +81,9 @@ class HfSparseQuantizer(OptimumQuantizer):
                 kwargs["tokenizer"] = AutoTokenizer.from_pretrained(model_or_path)
             except (OSError, ValueError) as err:  # a weights-only directory: export without a tokenizer
                 logger.info("no tokenizer at %s (%s); exporting without one", model_or_path, err)
-        return cls(model, **kwargs)
+        quantizer = cls(model, **kwargs)
+        quantizer.source = str(model_or_path)
+        return quantizer
 
     def target_names(self) -> list[str]:
         """AST's targets for these arguments (the one selector, :mod:`hf_sparse.targets`)."""
@@ -84,8 +96,12 @@ class HfSparseQuantizer(OptimumQuantizer):
         return get_base() if callable(get_base) else self.model
 
     @torch.no_grad()
-    def prune(self, method: str = "magnitude") -> dict[str, bool]:
-        """Make every target exactly N:M in place; returns ``{name: was_already_sparse}``."""
+    def prune(self, method: str = "magnitude", calibration_data: Any = None) -> dict[str, bool]:
+        """Make every target exactly N:M in place; returns ``{name: was_already_sparse}``.
+
+        ``magnitude`` needs no data but wrecks a dense model (a loud warning says so); ``sparsegpt``/``wanda``
+        calibrate on ``calibration_data`` (token ids ``[num_samples, seq_len]``), layer by layer.
+        """
         from ..oneshot.registry import get_pruner
         from ..sparsity import is_nm_sparse
         from ..sparsity.nm import input_dim_of
@@ -98,19 +114,31 @@ class HfSparseQuantizer(OptimumQuantizer):
         report = {}
         for name in self.target_names():
             module = inner.get_submodule(name)
-            dim = input_dim_of(module)
-            already = is_nm_sparse(module.weight, self.n, self.m, dim=dim)
-            report[name] = already
-            if already:
-                continue
-            if method == "none":
-                raise ValueError(
-                    f"{name}: weight is not {self.n}:{self.m} sparse and argument `prune`='none'; use "
-                    f"prune='magnitude' (or prune first with `hf-sparse prune` / AST training)"
-                )
-            get_pruner(method)(module, name, self.n, self.m).prune()  # the one-shot magnitude pruner
-        done = sum(not v for v in report.values())
-        logger.info("HfSparseQuantizer: %d/%d targets pruned to %d:%d (%s)", done, len(report), self.n, self.m, method)
+            report[name] = is_nm_sparse(module.weight, self.n, self.m, dim=input_dim_of(module))
+        dense = [name for name, already in report.items() if not already]
+        if not dense:
+            return report
+        if method == "none":
+            raise ValueError(
+                f"{dense[0]}: weight is not {self.n}:{self.m} sparse and argument `prune`='none'; use "
+                f"prune='sparsegpt' (or prune first with `hf-sparse prune` / AST training)"
+            )
+        if method in CALIBRATED_PRUNE_METHODS:
+            if calibration_data is None:
+                raise ValueError(f"HfSparseQuantizer: prune={method!r} needs `calibration_data` (token ids); "
+                                 "optimum-cli: --calibration-file TEXT")
+            from ..oneshot.api import prune_oneshot
+
+            prune_oneshot(inner, method, calibration_data, n=self.n, m=self.m, target_modules=self.target_modules,
+                          exclude_modules=self.exclude_modules)
+        else:
+            logger.warning("HfSparseQuantizer: " + MAGNITUDE_PRUNE_WARNING.format(n=self.n, m=self.m))
+            for name in dense:
+                module = inner.get_submodule(name)
+                get_pruner(method)(module, name, self.n, self.m).prune()  # the one-shot magnitude pruner
+        self.pruned_with = method
+        logger.info("HfSparseQuantizer: %d/%d targets pruned to %d:%d (%s)", len(dense), len(report), self.n, self.m,
+                    method)
         return report
 
     def quantize(
@@ -139,11 +167,24 @@ class HfSparseQuantizer(OptimumQuantizer):
             )
         from ..exporters import export
 
+        card = dict(export_kwargs.pop("card", None) or {})
         if self._is_peft():
             targets = None  # the AST layers are the targets; their masks are already exact N:M
+            card.setdefault("sparsity_method", "AST")
         else:
-            self.prune(prune)
+            self.prune(prune, calibration_data)
             targets = self.target_names()
+        source = getattr(self, "source", None)
+        if source is not None and Path(source).is_dir():
+            from ..exporters.provenance import read_provenance
+
+            for key, value in read_provenance(source).items():  # e.g. a `hf-sparse prune` output
+                card.setdefault(key, value)
+        if self.pruned_with is not None:
+            card["sparsity_method"] = f"{self.pruned_with} (one-shot)"
+            card["token_budget"] = 0
+            card.setdefault("base_model", str(Path(source).resolve()) if source and Path(source).exists() else source)
+        export_kwargs["card"] = card
         return Path(
             export(
                 self.model, save_dir, bits=bits, group_size=group_size, symmetric=symmetric, method=method,

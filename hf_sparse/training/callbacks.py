@@ -143,6 +143,8 @@ class ASTMaskCallback(TrainerCallback):
         if self.ast_model is None:
             return control
         step = state.global_step + 1
+        if self.config.masked_decay_ramp_steps is None:  # 25% of training, which a time budget may shorten
+            self.ramp_steps = max(1, int(0.25 * max(state.max_steps, 1)))
         self.current_lambda = masked_decay_lambda(step, self.config.masked_decay_peak, self.ramp_steps)
         if self._uses_optimizer_decay:
             unwrap_optimizer(kwargs["optimizer"]).set_masked_decay(self.current_lambda)
@@ -322,8 +324,10 @@ def add_ast_callbacks(trainer: Any, config: Optional[ASTConfig] = None, plot: bo
     before every other callback so reporters see the AST metrics; the plot callback last.
     """
     from .mask_init import ASTOneShotInitCallback
+    from .progressive import ProgressiveCallback
 
     callback = ASTMaskCallback(config)
+    trainer.callback_handler.callbacks.insert(0, ProgressiveCallback())  # inactive unless schedule="progressive"
     trainer.callback_handler.callbacks.insert(0, callback)
     trainer.callback_handler.callbacks.insert(0, ASTOneShotInitCallback())
     if plot:

@@ -29,11 +29,28 @@ _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _STAGING_RE = re.compile(rf"^_({PREFIX_CHECKPOINT_DIR}-\d+)\.(tmp|old)$")
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_DCP_MODEL_RE = re.compile(r"^pytorch_model_fsdp_\d+$")  # accelerate's sharded (FSDP2) model state
+_DCP_METADATA = ".metadata"  # torch.distributed.checkpoint writes it last, once every rank's shard is in
+
+
+def _is_complete_dcp(folder: str) -> bool:
+    """A ``torch.distributed.checkpoint`` folder whose ``.metadata`` exists and names only shard files present."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not os.path.isfile(os.path.join(folder, _DCP_METADATA)):
+        return False
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+        files = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    except Exception:  # noqa: BLE001 - truncated/corrupt metadata: not complete
+        return False
+    return bool(files) and all(os.path.isfile(os.path.join(folder, f)) for f in files)
 
 
 def is_complete_checkpoint(path: str) -> bool:
     """A Trainer checkpoint folder with a readable ``trainer_state.json`` and its model or adapter weights (all
-    shards of a sharded one). The Trainer writes the state last, so a save killed midway fails this test."""
+    shards of a sharded one; under FSDP2 the sharded ``pytorch_model_fsdp_0/`` and ``optimizer_0/``). The Trainer
+    writes the state last, so a save killed midway fails this test."""
     try:
         with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
             json.load(f)
@@ -41,6 +58,10 @@ def is_complete_checkpoint(path: str) -> bool:
         return False
     if any(os.path.isfile(os.path.join(path, n)) and os.path.getsize(os.path.join(path, n)) for n in _WEIGHT_FILES):
         return True
+    dcp = [e for e in os.listdir(path) if _DCP_MODEL_RE.match(e) and os.path.isdir(os.path.join(path, e))]
+    if dcp:
+        optimizers = [os.path.join(path, e) for e in os.listdir(path) if re.match(r"^optimizer_\d+$", e)]
+        return all(_is_complete_dcp(os.path.join(path, e)) for e in dcp) and all(map(_is_complete_dcp, optimizers))
     for index in _INDEX_FILES:
         try:
             with open(os.path.join(path, index), encoding="utf-8") as f:

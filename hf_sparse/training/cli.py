@@ -90,6 +90,43 @@ def _load_data(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any]:
     return (torch.utils.data.Subset(blocks, indices[:-n_eval]), torch.utils.data.Subset(blocks, indices[-n_eval:]))
 
 
+BASE_MODEL_DIR = "_base_model"  # a config-built model's initial weights ("_*": not uploaded by Trainer.push_to_hub)
+
+
+def _is_hf_tokenizer(tokenizer: Any) -> bool:
+    from transformers import PreTrainedTokenizerBase
+
+    return isinstance(tokenizer, PreTrainedTokenizerBase)
+
+
+def record_base_model(recipe: Recipe, model: torch.nn.Module, args: Any, tokenizer: Any = None) -> str:
+    """Make the saved adapter name its base model (PEFT reads ``model.name_or_path`` into
+    ``adapter_config.json``'s ``base_model_name_or_path``), so ``hf-sparse export RUN_DIR`` can rebuild it.
+
+    A hub id stays as is; a local directory becomes absolute (the export may run from another folder); a model built
+    from ``model.config`` has no base on disk, so its initial weights (and the tokenizer, when it is a transformers
+    one) are saved to ``output_dir/_base_model`` and that directory is recorded.
+    """
+    import os
+
+    from ..atomic import atomic_directory
+
+    spec = recipe["model"]
+    if spec.get("name_or_path"):
+        name = recipe.resolve_path(spec["name_or_path"])
+        base = os.path.abspath(name) if os.path.exists(name) else name
+    else:
+        base = os.path.abspath(os.path.join(args.output_dir, BASE_MODEL_DIR))
+        if args.should_save:
+            with atomic_directory(base, overwrite=True, writer="hf_sparse.train") as tmp:
+                model.save_pretrained(tmp)
+                if _is_hf_tokenizer(tokenizer):
+                    tokenizer.save_pretrained(tmp)
+    model.name_or_path = base
+    model.config._name_or_path = base
+    return base
+
+
 def build_trainer(recipe: Recipe):
     """Model, teacher, data and an ASTTrainer (with the recipe saved next to every checkpoint)."""
     from transformers import default_data_collator
@@ -102,11 +139,43 @@ def build_trainer(recipe: Recipe):
     model = _load_model(recipe, "model")
     teacher = _load_model(recipe, "teacher") if recipe["teacher"].get("name_or_path") else None
     tokenizer = _load_tokenizer(recipe)
+    base = record_base_model(recipe, model, args, tokenizer)
+    logger.info("hf-sparse train: base model %s (recorded in adapter_config.json)", base)
     train, evaluation = _load_data(recipe, tokenizer)
+    extra = {"processing_class": tokenizer} if _is_hf_tokenizer(tokenizer) else {}  # saved with the adapter
     return ASTTrainer(
         model=model, args=args, teacher_model=teacher, ast_config=ast_config, train_dataset=train,
-        eval_dataset=evaluation, data_collator=default_data_collator, callbacks=[RecipeSaveCallback(recipe)],
+        eval_dataset=evaluation, data_collator=default_data_collator, callbacks=[RecipeSaveCallback(recipe)], **extra,
     )
+
+
+def write_run_provenance(trainer: Any, recipe: Recipe) -> None:
+    """``hf_sparse_provenance.json`` in ``output_dir``: what the export's model card states about this run."""
+    import math
+    import os
+
+    from ..atomic import atomic_write_json
+    from ..exporters.provenance import PROVENANCE_FILE, adapter_base_model, base_model_license
+
+    out = trainer.args.output_dir
+    base = adapter_base_model(out)
+    args, state = trainer.args, trainer.state
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    if not tokens:
+        block = int(recipe["data"].get("block_size") or 0)
+        tokens = (state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+                  * max(1, args.world_size) * block)
+    evaluation = []
+    evals = [h for h in state.log_history if "eval_loss" in h]
+    if evals:
+        loss = float(evals[-1]["eval_loss"])
+        evaluation = [{"metric": f"eval loss (nats/token, step {evals[-1].get('step')})", "dense": None,
+                       "sparse": round(loss, 4)},
+                      {"metric": "eval perplexity", "dense": None, "sparse": round(math.exp(min(loss, 50.0)), 3)}]
+    doc = {"base_model": base, "sparsity_method": "AST", "token_budget": tokens, "recipe": recipe.sections,
+           "evaluation": evaluation or None, "license": base_model_license(base)}
+    atomic_write_json({k: v for k, v in doc.items() if v is not None}, os.path.join(out, PROVENANCE_FILE),
+                      indent=2, sort_keys=False, default=str)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     trainer.save_model()
     if trainer.args.should_save:
         recipe.save(trainer.args.output_dir)
+        write_run_provenance(trainer, recipe)
     metrics = trainer.state.log_history[-1] if trainer.state.log_history else {}
     logger.info("AST training finished: %s", metrics)
     print(f"hf-sparse train: done, {trainer.state.global_step} steps; model and ast_recipe.yaml in "

@@ -107,7 +107,7 @@ def set_ast_masks(peft_model: nn.Module, masks: dict[str, torch.Tensor], source:
         layer.ast_initial_mask[adapter].copy_(mask)
         if adapter in layer.ast_slorb and config.slorb_init == "mean":
             weight = layer.get_base_layer().weight
-            layer.ast_slorb[adapter].S.copy_(
+            layer.ast_slorb[adapter].weight.copy_(
                 slorb_mean_init(layer._out_in(weight), layer._out_in(mask), config.slorb_group_size))
 
 
@@ -169,7 +169,7 @@ def _broadcast_masks(ast_model: Any) -> None:
         for tensor in (layer.ast_mask[adapter], layer.ast_initial_mask[adapter], layer.get_base_layer().weight.data):
             torch.distributed.broadcast(tensor, src=0)
         if adapter in layer.ast_slorb:
-            torch.distributed.broadcast(layer.ast_slorb[adapter].S.data, src=0)
+            torch.distributed.broadcast(layer.ast_slorb[adapter].weight.data, src=0)
 
 
 class ASTOneShotInitCallback(TrainerCallback):

@@ -73,13 +73,14 @@ class MaskedDecayAdamW(torch.optim.Optimizer):
     # ---- masks ----
     def attach_masks(self, model: nn.Module) -> int:
         """Find AST layers in ``model`` and decay their pruned weights; returns how many weights got a mask."""
+        from ..tuners.ast.experts import ParamWrapper
         from ..tuners.ast.layer import ASTLayer
 
         in_optimizer = {p for group in self.param_groups for p in group["params"]}
         self._mask_of = {}
         for module in model.modules():
-            if isinstance(module, ASTLayer):
-                weight = module.get_base_layer().weight
+            if isinstance(module, (ASTLayer, ParamWrapper)):  # ParamWrapper: a fused [E, ., .] expert parameter
+                weight = module.get_param() if isinstance(module, ParamWrapper) else module.get_base_layer().weight
                 if weight in in_optimizer:
                     name = module.active_adapters[0]
                     self._mask_of[weight] = (lambda layer=module, adapter=name: layer.ast_mask[adapter])

@@ -45,12 +45,15 @@ from .callbacks import add_ast_callbacks
 from .distill import IGNORE_INDEX, distillation_loss_sums
 from .fsdp import (
     FSDP2_CONFIG_HINT,
+    distributed_mode,
     enable_fsdp2_on_cpu,
     fsdp_requested,
     is_sharded,
     local,
+    save_full_model,
     shard_ast_masks,
     shard_teacher,
+    use_sharded_checkpoints,
 )
 from .optim import MaskedDecayAdamW
 
@@ -164,6 +167,8 @@ class ASTTrainer(Trainer):
             # sharded parameter; AST's mask buffers are not. The model is whole on every rank here anyway.
             logger.warning("ASTTrainer: FSDP2 cpu_ram_efficient_loading turned off (AST masks are buffers)")
             plugin.cpu_ram_efficient_loading = False
+        if self.is_fsdp2:
+            use_sharded_checkpoints(plugin)  # checkpoints: each rank its shard; save_model(): the full model once
 
     @property
     def is_fsdp2(self) -> bool:
@@ -173,6 +178,7 @@ class ASTTrainer(Trainer):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if self.is_fsdp2:
             self._shard_for_fsdp2(model)
+        logger.info(distributed_mode(self))
         return model, train_dataloader
 
     def _shard_for_fsdp2(self, model: nn.Module) -> None:
@@ -193,6 +199,16 @@ class ASTTrainer(Trainer):
                 mesh = mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)]
             self.teacher_model = shard_teacher(self.teacher_model, plugin.transformer_cls_names_to_wrap,
                                                plugin.mixed_precision_policy, mesh)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 the final model is gathered and written once by rank 0 (an AST adapter that
+        ``hf_sparse.export`` takes); a checkpoint's model state is the sharded one (``_save_checkpoint``)."""
+        if self.is_fsdp2 and self._staging_root is None:
+            save_full_model(self, output_dir or self.args.output_dir)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
+        super().save_model(output_dir, _internal_call)
 
     # ---- resume from the last *complete* checkpoint; clean what a killed save left ----
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, trial: Any = None,

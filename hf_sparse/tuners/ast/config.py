@@ -32,9 +32,13 @@ class ASTConfig(PeftConfig):
             every Linear/Conv1D inside a decoder block. (A list of regexes, the pre-0.2 meaning, still works with a
             FutureWarning.) One implementation for AST, one-shot, export and Optimum: :mod:`hf_sparse.targets`.
         exclude_modules: same rule; matching modules stay dense. ``None``: MoE routers (``gate``/``router``).
-        target_parameters: names or suffixes of ``nn.Parameter`` s to sparsify that are not Linear modules (fused
-            MoE experts, as ``LoraConfig(target_parameters=...)``). Reserved: AST does not wrap parameters yet and
-            refuses a non-empty value.
+        target_parameters: names or suffixes of ``nn.Parameter`` s to sparsify that are not Linear modules: the fused
+            3-D MoE expert tensors (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``), PEFT's
+            ``LoraConfig(target_parameters=...)`` rule (one ``ParamWrapper`` per parameter). ``None``: every fused
+            expert weight of the MoE blocks (:func:`hf_sparse.sparsity.experts.default_expert_parameters`); ``[]``:
+            experts stay dense. N:M runs per expert along each matrix's input dimension (``[E, out, in]`` for
+            Mixtral/Qwen-MoE/OLMoE/DeepSeek-V3, ``[E, in, out]`` for gpt-oss/Llama-4); routers stay dense. SLoRB is
+            not available for expert parameters (refused).
         n, m: the N:M pattern (N kept of every M consecutive input weights).
         mask_init: how the first mask is chosen: ``"magnitude"`` (|W|), or a one-shot method that the trainer or
             :mod:`hf_sparse.oneshot` applies from calibration data (``"wanda"``, ``"sparsegpt"``).
@@ -59,6 +63,17 @@ class ASTConfig(PeftConfig):
             regexes over parameter names. Target weights always train: they are what AST trains. These parameters
             are saved with the adapter whatever their current ``requires_grad``: an adapter loaded for inference
             (``PeftModel.from_pretrained(..., is_trainable=False)``, the default) is frozen, and saves the same file.
+        schedule: ``"ast"`` (the paper: masked forward, STE, SR-STE masked decay) or ``"progressive"`` (CAST-style,
+            arXiv 2509.25996, after a third-party reproduction: the forward stays dense, the weights outside the
+            current N:M mask get an L1 decay ``cast_decay·r(t)·sign(W)`` added to their gradient, so it enters Adam's
+            first moment and the second moment is taken of that sum, with ``r`` ramping 0 -> 1 over training; the mask
+            is recomputed every ``mask_update_interval`` steps; a learnable scale per row and half row (``cast_scales``)
+            compensates the decay; at the end of training one hard N:M prune with the scales folded into the weight,
+            after which the layer is an ordinary masked AST layer). ``masked_decay_peak`` is set to 0 (the L1 decay
+            replaces it); SLoRB is refused. See :mod:`hf_sparse.tuners.ast.progressive`.
+        cast_decay: peak strength of the progressive schedule's L1 decay (not tuned: measure).
+        cast_scales: learn the per-half-row scales of the progressive schedule (``in_features`` must be a multiple of
+            ``2*m``, so that no N:M group straddles the halves).
 
     Limits (AST trains the base weights themselves, not a separate delta):
         - One AST adapter per model: ``add_adapter``/``load_adapter`` of a second one raise a ValueError. Train
@@ -85,10 +100,13 @@ class ASTConfig(PeftConfig):
     masked_decay_ramp_steps: Optional[int] = field(default=None, metadata={"help": "linear ramp length of lambda"})
     use_slorb: bool = field(default=False, metadata={"help": "add SLoRB low-rank branches"})
     slorb_group_size: int = field(default=16, metadata={"help": "SLoRB group size k"})
-    slorb_init: Literal["mean", "zero"] = field(default="mean", metadata={"help": "SLoRB S init: mean | zero"})
+    slorb_init: Literal["mean", "zero"] = field(default="mean", metadata={"help": "SLoRB weight init: mean | zero"})
     slorb_train_projection: bool = field(default=False, metadata={"help": "train the SLoRB projection X"})
     trainable_non_target: Union[str, list[str]] = field(default="all", metadata={"help": "all | none | regexes"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "PEFT modules_to_save"})
+    schedule: Literal["ast", "progressive"] = field(default="ast", metadata={"help": "ast | progressive (CAST)"})
+    cast_decay: float = field(default=1e-4, metadata={"help": "peak L1 decay of the progressive schedule"})
+    cast_scales: bool = field(default=True, metadata={"help": "learn per-half-row scales (progressive)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,11 +116,13 @@ class ASTConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, set):
             self.exclude_modules = sorted(self.exclude_modules)
-        if self.target_parameters:
-            raise NotImplementedError(
-                "ASTConfig: argument `target_parameters` is reserved for fused MoE expert tensors, which AST does not "
-                "sparsify yet; target their Linear modules with `target_modules`"
+        if isinstance(self.target_parameters, str):
+            raise ValueError(
+                f"ASTConfig: argument `target_parameters` must be None or a list of parameter names/suffixes, got the "
+                f"str {self.target_parameters!r} (PEFT's rule: [{self.target_parameters!r}])"
             )
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         if self.slorb_init not in ("mean", "zero"):
             raise ValueError(f"ASTConfig: argument `slorb_init` must be 'mean' or 'zero', got {self.slorb_init!r}")
         if self.slorb_group_size < 1:
@@ -132,6 +152,18 @@ class ASTConfig(PeftConfig):
             raise ValueError(f"ASTConfig: argument `mask_score` must be 'magnitude' or 'activation', got {self.mask_score!r}")
         if isinstance(self.trainable_non_target, str) and self.trainable_non_target not in ("all", "none"):
             self.trainable_non_target = [self.trainable_non_target]
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if self.schedule not in ("ast", "progressive"):
+            raise ValueError(f"ASTConfig: argument `schedule` must be 'ast' or 'progressive', got {self.schedule!r}")
+        if not math.isfinite(self.cast_decay) or self.cast_decay < 0:
+            raise ValueError(f"ASTConfig: argument `cast_decay` must be a finite number >= 0, got {self.cast_decay}")
+        if self.schedule == "progressive":
+            if self.use_slorb:
+                raise ValueError("ASTConfig: `schedule='progressive'` does not support `use_slorb=True` (the dense "
+                                 "forward and its per-half-row scales already compensate the pruned weights)")
+            self.masked_decay_peak = 0.0  # the L1 decay of the progressive schedule replaces the masked decay
 
     def target_selector(self) -> TargetSelector:
         """The selector these fields describe (the one implementation in :mod:`hf_sparse.targets`)."""

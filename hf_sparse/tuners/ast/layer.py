@@ -21,6 +21,7 @@ from ...sparsity.nm import nm_mask, validate_nm
 from ...sparsity.scores import magnitude_score
 from ...modules.slorb import SLoRB, slorb_mean_init
 from ...modules.sparse_linear import SparseLinear, linear_forward
+from .progressive import cast_weight, init_progressive, is_dense_phase
 
 __all__ = [
     "ASTLayer",
@@ -108,12 +109,15 @@ class ASTLayer(BaseTunerLayer):
 
     # PEFT's per-adapter containers. AST also trains the base layer's own weight and bias, which no container holds:
     # set_requires_grad / set_adapter(inference_mode=True) below extend PEFT's toggles to them.
-    adapter_layer_names = ("ast_slorb",)
-    other_param_names = ("ast_mask", "ast_initial_mask", "ast_nm")
+    adapter_layer_names = ("ast_slorb", "ast_cast_scale")
+    other_param_names = ("ast_mask", "ast_initial_mask", "ast_nm", "ast_cast_dense")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.ast_slorb = nn.ModuleDict({})
+        # schedule="progressive" (hf_sparse.tuners.ast.progressive): per-half-row scales, dense-forward flag
+        self.ast_cast_scale = nn.ParameterDict({})
+        self.ast_cast_dense = BufferDict({}, persistent=True)
         self.ast_mask = BufferDict({}, persistent=True)
         self.ast_initial_mask = BufferDict({}, persistent=True)
         self.ast_nm: dict[str, tuple[int, int]] = {}
@@ -163,11 +167,13 @@ class ASTLayer(BaseTunerLayer):
             slorb = SLoRB(self.in_features, self.out_features, config.slorb_group_size, config.slorb_train_projection)
             if config.slorb_init == "mean" and weight.device.type != "meta":
                 with torch.no_grad():
-                    slorb.S.copy_(slorb_mean_init(self._out_in(weight), self._out_in(mask), config.slorb_group_size))
+                    slorb.weight.copy_(slorb_mean_init(self._out_in(weight), self._out_in(mask), config.slorb_group_size))
             self.ast_slorb[adapter_name] = slorb
             # device and dtype of the base weight (PEFT's autocast_adapter_dtype then upcasts fp16/bf16 to fp32 unless
             # it is False); skipped while the branch is on meta (low_cpu_mem_usage: the weights come with the load)
             self._move_adapter_to_device_of_base_layer(adapter_name)
+        if getattr(config, "schedule", "ast") == "progressive":
+            init_progressive(self, adapter_name, config, module_name)
         self.set_adapter(self.active_adapters)
 
     # ---- trainability: the base weight and bias are part of the adapter ----
@@ -225,7 +231,9 @@ class ASTLayer(BaseTunerLayer):
         if self.merged:
             out = self.base_layer(x, *args, **kwargs)
         elif active:
-            out = linear_forward(x, self.effective_weight(active[0]), base.bias, self.fan_in_fan_out)
+            dense = is_dense_phase(self, active[0])  # progressive schedule before its final prune
+            weight = cast_weight(self, active[0]) if dense else self.effective_weight(active[0])
+            out = linear_forward(x, weight, base.bias, self.fan_in_fan_out)
         else:
             return self.base_layer(x, *args, **kwargs)
         for name in active:
@@ -242,6 +250,12 @@ class ASTLayer(BaseTunerLayer):
         """
         names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.ast_mask]
         for name in names:
+            if is_dense_phase(self, name):
+                raise ValueError(
+                    f"{self._ast_module_name}: adapter {name!r} uses schedule='progressive' and has not had its final "
+                    "N:M prune yet (ASTTrainer does it at the end of training; or call "
+                    "hf_sparse.tuners.ast.progressive.finalize_progressive(model.base_model))"
+                )
             weight = self.get_base_layer().weight
             mask = self.ast_mask[name]
             with torch.no_grad():

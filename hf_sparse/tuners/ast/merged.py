@@ -2,16 +2,17 @@
 
 ``merge_and_unload()`` of an AST model with SLoRB leaves :class:`~hf_sparse.modules.SparseLinear` modules (the N:M
 weight with stored zeros plus the ``slorb`` branch), which no transformers model class defines: a plain reload would
-drop the ``*.slorb.S/X`` tensors as "unexpected" and silently lose the branch. So the merge records the branches in
-the model's config, as transformers' one hook for "modules the class does not build"::
+drop the ``*.slorb.weight/projection`` tensors as "unexpected" and silently lose the branch. So the merge records
+the branches in the model's config, as transformers' one hook for "modules the class does not build"::
 
     "quantization_config": {"quant_method": "hf_sparse_slorb",
                             "modules": {"model.layers.0.self_attn.q_proj": {"group_size": 16, ...}, ...}}
 
 With ``import hf_sparse`` done, ``AutoModelForCausalLM.from_pretrained`` hands that entry to
 :class:`MergedSLoRBHfQuantizer`, which swaps the listed modules for SparseLinear on the meta device before the
-weights load (so ``weight``/``bias``/``slorb.S``/``slorb.X`` load straight into them), refuses a checkpoint that lacks
-a branch tensor, and then removes itself: the loaded model is a plain, non-quantized model (``.half()``, ``Trainer``,
+weights load (so ``weight``/``bias``/``slorb.weight``/``slorb.projection`` load straight into them; hf_sparse 0.1's
+``slorb.S``/``slorb.X`` are renamed), refuses a checkpoint that lacks a branch tensor, and then removes itself: the
+loaded model is a plain, non-quantized model (``.half()``, ``Trainer``,
 ``get_peft_model`` work as for any dense model) that keeps the entry, so saving it again round-trips too. Without
 ``import hf_sparse`` transformers warns "Unknown quantization type, got hf_sparse_slorb" instead of failing silently.
 Nothing is quantized: the quantizer registry is only the mechanism.
@@ -29,8 +30,11 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ...format import LEGACY_SLORB_KEYS, SLORB_PROJECTION, SLORB_WEIGHT
 from ...modules.slorb import SLoRB
 from ...modules.sparse_linear import SparseLinear
+
+LEGACY_WEIGHT = next(iter(LEGACY_SLORB_KEYS))  # "slorb.S"
 
 __all__ = [
     "MERGED_SLORB_METHOD",
@@ -74,7 +78,7 @@ class MergedSLoRBConfig(QuantizationConfigMixin):
     def from_model(cls, model: nn.Module) -> Optional["MergedSLoRBConfig"]:
         """The entry describing ``model``'s SparseLinear modules; ``None`` when it has none."""
         modules = {
-            name: {"group_size": m.slorb.k, "train_projection": m.slorb.X is not None,
+            name: {"group_size": m.slorb.k, "train_projection": m.slorb.projection is not None,
                    "fan_in_fan_out": m.fan_in_fan_out}
             for name, m in model.named_modules()
             if isinstance(m, SparseLinear)
@@ -156,7 +160,11 @@ class MergedSLoRBHfQuantizer(HfQuantizer):
             k = entry["group_size"]
             if in_f % k:
                 raise ValueError(f"{where}: in_features={in_f} is not divisible by group_size={k}")
-            keys = ["slorb.S"] + (["slorb.X"] if entry["train_projection"] else [])
+            keys = [SLORB_WEIGHT] + ([SLORB_PROJECTION] if entry["train_projection"] else [])
+            if header is not None and f"{name}.{LEGACY_WEIGHT}" in header:
+                self._legacy_names = True  # saved by hf_sparse 0.1: slorb.S/X
+            if self._legacy_names:
+                keys = [legacy for legacy, new in LEGACY_SLORB_KEYS.items() if new in keys]
             dtypes = {}
             for key in keys:
                 if header is not None and f"{name}.{key}" not in header:
@@ -164,14 +172,28 @@ class MergedSLoRBHfQuantizer(HfQuantizer):
                         f"{name}.{key} is missing from the checkpoint although {where} lists a SLoRB branch: "
                         f"incomplete or edited checkpoint (it would load randomly initialised)"
                     )
-                dtypes[key] = header[f"{name}.{key}"] if header is not None else module.weight.dtype
+                dtypes[LEGACY_SLORB_KEYS.get(key, key)] = (
+                    header[f"{name}.{key}"] if header is not None else module.weight.dtype
+                )
             with torch.device("meta"):
                 slorb = SLoRB(in_f, out_f, k, train_projection=entry["train_projection"])
-            slorb.S = nn.Parameter(slorb.S.to(dtypes["slorb.S"]))  # the stored dtype (SLoRB is often fp32 on bf16)
-            if slorb.X is not None:
-                slorb.X = nn.Parameter(slorb.X.to(dtypes["slorb.X"]))
+            # the stored dtype (SLoRB is often fp32 on bf16)
+            slorb.weight = nn.Parameter(slorb.weight.to(dtypes[SLORB_WEIGHT]))
+            if slorb.projection is not None:
+                slorb.projection = nn.Parameter(slorb.projection.to(dtypes[SLORB_PROJECTION]))
             model.set_submodule(name, SparseLinear.build(module.weight, module.bias, slorb, conv))
         return model
+
+    _legacy_names = False
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """Checkpoints merged by hf_sparse 0.1 name the branch's tensors ``slorb.S``/``slorb.X``: rename them."""
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        if not self._legacy_names:
+            return conversions
+        from transformers.core_model_loading import WeightRenaming
+
+        return [WeightRenaming(old, new) for old, new in LEGACY_SLORB_KEYS.items()] + list(conversions)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name in self.quantization_config.modules:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -11,9 +12,11 @@ from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from ...modules.slorb import LEGACY_NAMES as SLORB_LEGACY_NAMES
 from ...modules.sparse_linear import SparseLinear
 from ...targets import DEFAULT_TARGET_MODULES
 from .config import ASTConfig
+from .experts import ParamWrapper, expert_param_wrappers
 from .layer import ASTLayer, Linear, MaskUpdate, masked_decay_term
 from .merged import record_merged_slorb
 
@@ -29,9 +32,14 @@ def resolve_targets(model: nn.Module, config: ASTConfig) -> list[str]:
 
 def _resolve(model: nn.Module, config: ASTConfig) -> tuple[list[str], set[str]]:
     """(targets, names the exclude patterns removed), by the one selector (:mod:`hf_sparse.targets`)."""
+    return _resolve_selection(model, config)[:2]
+
+
+def _resolve_selection(model: nn.Module, config: ASTConfig) -> tuple[list[str], set[str], list[str]]:
+    """(target modules, names the excludes removed, targeted expert parameters); logs what stays dense."""
     selection = config.target_selector().select(model)
-    _log_dense_parameters(model, selection.modules)
-    return selection.modules, selection.excluded
+    _log_dense_parameters(model, selection.modules, selection.parameters)
+    return selection.modules, selection.excluded, selection.parameters
 
 
 _PEFT_MODEL_PREFIX = "base_model.model."
@@ -51,7 +59,7 @@ def _owned_elsewhere(model: nn.Module) -> tuple[set[str], set[str]]:
     """(AST layer names, PEFT auxiliary wrapper names, e.g. modules_to_save): their parameters are not policy ones."""
     layers, aux = set(), set()
     for name, module in model.named_modules():
-        if isinstance(module, ASTLayer):
+        if isinstance(module, (ASTLayer, ParamWrapper)):
             layers.add(name)
         elif isinstance(module, AuxiliaryTrainingWrapper):
             aux.add(name)
@@ -70,23 +78,43 @@ def _policy_parameters(model: nn.Module, config: ASTConfig) -> Iterator[tuple[st
             yield name, param
 
 
-def _log_dense_parameters(model: nn.Module, targets: list[str]) -> None:
-    """Say which weight matrices inside decoder blocks stay dense (e.g. fused MoE experts, routers)."""
-    target_set = set(targets)
+def _log_dense_parameters(model: nn.Module, targets: list[str], parameters: Sequence[str] = ()) -> None:
+    """Log the sparsified share of all parameters and of decoder-block weights, and which decoder-block weight
+    matrices stay dense (e.g. routers)."""
+    target_set, param_set = set(targets), set(parameters)
     dense = []
+    sparse_numel = decoder_numel = 0
     for name, module in model.named_modules():
-        if not re.fullmatch(DEFAULT_TARGET_MODULES, name or "") or name in target_set:
-            continue
+        in_decoder = bool(re.fullmatch(DEFAULT_TARGET_MODULES, name or ""))
         for pname, param in module.named_parameters(recurse=False):
-            if param.dim() >= 2:
-                dense.append(f"{name}.{pname} {tuple(param.shape)} ({type(module).__name__})")
+            full = f"{name}.{pname}" if name else pname
+            hit = full in param_set or (name in target_set and pname == "weight")
+            sparse_numel += param.numel() if hit else 0
+            if in_decoder and param.dim() >= 2 and not pname.endswith("bias"):  # gpt-oss: [E, out] expert biases
+                decoder_numel += param.numel()
+                if not hit and name not in target_set:
+                    dense.append(f"{full} {tuple(param.shape)} ({type(module).__name__})")
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "AST sparsifies %.1f%% of all parameters and %.1f%% of the decoder-block weight parameters (%d modules, %d "
+        "fused expert parameters)", 100.0 * sparse_numel / max(total, 1), 100.0 * sparse_numel / max(decoder_numel, 1),
+        len(target_set), len(param_set),
+    )
     if dense:
         shown = ", ".join(dense[:6]) + (f", ... ({len(dense)} in all)" if len(dense) > 6 else "")
         logger.warning(
-            "AST leaves these weight matrices inside decoder blocks dense: %s. Fused MoE expert tensors are 3-D "
-            "parameters, not Linear modules, and routers are tiny and routing-critical.",
+            "AST leaves these weight matrices inside decoder blocks dense: %s. Routers are tiny and routing-critical; "
+            "fused MoE expert tensors are sparsified through `target_parameters` (None: all of them).",
             shown,
         )
+
+
+def _current_slorb_key(key: str) -> str:
+    """``<module>.ast_slorb.S`` (hf_sparse 0.1) -> ``<module>.ast_slorb.weight``; other keys unchanged."""
+    head, _, last = key.rpartition(".")
+    if head.endswith("ast_slorb") and last in SLORB_LEGACY_NAMES:
+        return f"{head}.{SLORB_LEGACY_NAMES[last]}"
+    return key
 
 
 class ASTModel(BaseTuner):
@@ -98,11 +126,14 @@ class ASTModel(BaseTuner):
 
     # ---- target selection ----
     def _prepare_adapter_config(self, peft_config: ASTConfig, model_config: dict) -> ASTConfig:
-        return peft_config  # targets are resolved against the model in _prepare_model
+        # targets are resolved against the model in _prepare_model, on a copy: the saved config keeps the user's
+        # `target_parameters` (None = the experts found at load time), PEFT's injection gets the resolved names
+        return copy.copy(peft_config)
 
     def _prepare_model(self, peft_config: ASTConfig, model: nn.Module) -> None:
-        targets, excluded = _resolve(model, peft_config)
+        targets, excluded, parameters = _resolve_selection(model, peft_config)
         self._ast_targets, self._ast_excluded = set(targets), excluded
+        peft_config.target_parameters = list(parameters)  # PEFT's _inject_parameters wraps them (ParamWrapper)
 
     def _check_target_module_exists(self, peft_config: ASTConfig, key: str):  # type: ignore[override]
         if key in getattr(self, "_ast_excluded", ()):
@@ -124,6 +155,14 @@ class ASTModel(BaseTuner):
         current_key: str,
         **kwargs: Any,
     ) -> None:
+        parameter_name = kwargs.get("parameter_name")
+        if parameter_name is not None:  # a fused expert tensor (PEFT's target_parameters): one wrapper per parameter
+            if isinstance(target, ParamWrapper) and target.parameter_name == parameter_name:
+                target.update_layer(adapter_name, peft_config, current_key)
+                return
+            new_module = ParamWrapper(target, adapter_name, peft_config, parameter_name, module_name=current_key)
+            self._replace_module(parent, target_name, new_module, target)
+            return
         if isinstance(target, ASTLayer):
             target.update_layer(adapter_name, peft_config, current_key)
             return
@@ -173,6 +212,8 @@ class ASTModel(BaseTuner):
             module._set_base_requires_grad(train)
             for slorb in module.ast_slorb.values():
                 slorb.requires_grad_(train)
+            for scale in module.ast_cast_scale.values():  # schedule="progressive"
+                scale.requires_grad_(train and config.cast_scales)
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
         """PEFT's toggle over everything AST trains: target weights/biases and SLoRB (in the layers), the
@@ -217,7 +258,9 @@ class ASTModel(BaseTuner):
         parameters with new objects: tied weights (GPT-2's and OPT's lm_head / embeddings) would come apart and the
         model would compute with the stale copy. Copying in place keeps ties and parameter identity; what is left for
         ``load_state_dict`` is the adapter's own tensors (masks, and SLoRB, which is on meta under low_cpu_mem_usage).
+        Adapters saved by hf_sparse 0.1 name SLoRB's tensors ``ast_slorb.S``/``ast_slorb.X``: renamed first.
         """
+        state_dict = {_current_slorb_key(key): value for key, value in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         params = dict(model.named_parameters())
         layers, _ = _owned_elsewhere(model)
@@ -250,17 +293,27 @@ class ASTModel(BaseTuner):
             if isinstance(module, ASTLayer):
                 yield name, module
 
+    def ast_expert_layers(self) -> list[tuple[str, ParamWrapper]]:
+        """``(qualified parameter name, wrapper)`` of every fused expert parameter AST sparsifies."""
+        return expert_param_wrappers(self.model)
+
     @torch.no_grad()
-    def update_masks(self, scores: Optional[dict[str, torch.Tensor]] = None) -> dict[str, MaskUpdate]:
-        """Recompute every target's mask (from |W|, or ``scores[name]``); returns the flips per module."""
-        scores = scores or {}
-        return {name: layer.update_mask(scores.get(name)) for name, layer in self.ast_layers()}
+    def update_masks(self, scores: Optional[dict[str, torch.Tensor]] = None,
+                     keep_experts: Optional[dict[str, torch.Tensor]] = None) -> dict[str, MaskUpdate]:
+        """Recompute every target's mask (from |W|, or ``scores[name]``); returns the flips per module (and per
+        expert parameter, keyed by its qualified name; ``keep_experts[name]`` (bool ``[E]``) freezes those experts)."""
+        scores, keep_experts = scores or {}, keep_experts or {}
+        out = {name: layer.update_mask(scores.get(name)) for name, layer in self.ast_layers()}
+        for name, wrapper in self.ast_expert_layers():
+            out[name] = wrapper.update_mask(scores.get(name), keep_experts=keep_experts.get(name))
+        return out
 
     @torch.no_grad()
     def apply_masked_decay(self, lam: float, to_grad: bool = True) -> None:
         """Add ``λ·(¬mask ⊙ W)`` to each target weight's gradient (or subtract it from the weight)."""
-        for _, layer in self.ast_layers():
-            weight = layer.get_base_layer().weight
+        pairs = [(layer.get_base_layer().weight, layer) for _, layer in self.ast_layers()]
+        pairs += [(wrapper.get_param(), wrapper) for _, wrapper in self.ast_expert_layers()]
+        for weight, layer in pairs:
             term = masked_decay_term(weight, layer.ast_mask[layer.active_adapters[0]], lam)
             if to_grad:
                 weight.grad = term.to(weight.dtype) if weight.grad is None else weight.grad.add_(term.to(weight.grad.dtype))
