@@ -30,6 +30,17 @@ def _load(verb: str):
         raise
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, minus the noise: no "(default: None/False)", and nothing added to a help text
+    that already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -61,7 +72,7 @@ def _error_line(err: BaseException) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run a verb. Errors print one line (``hf-sparse VERB: error: ...``, exit 1); ``--debug`` re-raises them."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    formatter = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
+    formatter = DefaultsHelpFormatter  # every --help shows the defaults
     parser = argparse.ArgumentParser(prog="hf-sparse", description="2:4 sparsity for HF causal LMs (AST)",
                                      formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"hf-sparse {_version()}")

@@ -78,9 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundled split to evaluate on: tune settings on validation, report held-out")
     parser.add_argument("--oneshot", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
                         help="one-shot method that prunes first and initialises AST's mask")
-    parser.add_argument("--time-budget", default=DEFAULT_TIME_BUDGET,
-                        help="wall-clock budget of the whole run, seconds or e.g. '15m': AST trains for what the other "
-                             "phases leave (the step count is chosen from the measured step time)")
+    parser.add_argument("--time-budget", default=None,
+                        help=f"wall-clock budget of the whole run, seconds or e.g. '15m' (default {DEFAULT_TIME_BUDGET}; "
+                             "--smoke: 2 steps unless given): AST trains for what the other phases leave, the step "
+                             "count chosen from the step time measured in the first steps")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="fix the AST optimizer steps exactly (exact reproduction; disables --time-budget)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
@@ -112,18 +113,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _budget(args: argparse.Namespace) -> Budget:
     if not 0.0 <= args.chat_fraction <= 1.0:
         raise SystemExit(f"hf-sparse demo: --chat-fraction must be in [0, 1], got {args.chat_fraction}")
-    if args.smoke:
-        return SMOKE
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"hf-sparse demo: --max-steps must be >= 1, got {args.max_steps}")
     time_budget_s = None
-    if args.max_steps is None:
+    if args.max_steps is None and not (args.smoke and args.time_budget is None):
         from .training.time_budget import parse_duration
 
         try:
-            time_budget_s = parse_duration(args.time_budget, "hf-sparse demo: --time-budget")
+            time_budget_s = parse_duration(args.time_budget or DEFAULT_TIME_BUDGET, "hf-sparse demo: --time-budget")
         except ValueError as err:
             raise SystemExit(str(err)) from None
+    if args.smoke:  # the smoke sizes; --max-steps or --time-budget still decide the step count when given
+        return dataclasses.replace(SMOKE, max_steps=args.max_steps or (None if time_budget_s else SMOKE.max_steps),
+                                   time_budget_s=time_budget_s)
     return Budget(max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
                   eval_tokens=args.eval_tokens, calibration_samples=args.calibration_samples,
                   chat_fraction=args.chat_fraction, time_budget_s=time_budget_s)
@@ -393,9 +395,14 @@ def run(args: argparse.Namespace) -> int:
     tokens_per_step = budget.batch_size * budget.seq_len
     timer = None
     if budget.max_steps is None:
-        train_s = max(1.0, budget.time_budget_s - (time.time() - start) - after_s)
-        print(f"time budget {budget.time_budget_s:.0f} s: {time.time() - start:.0f} s spent, AST trains for "
-              f"{train_s:.0f} s (the step count follows from the step time measured in the first steps)", flush=True)
+        spent = time.time() - start
+        train_s = max(1.0, budget.time_budget_s - spent - after_s)
+        if train_s <= 1.0:
+            print(f"warning: the phases before training took {spent:.0f} s of the {budget.time_budget_s:.0f} s budget "
+                  f"(and about {after_s:.0f} s come after it): AST gets a minimal run; raise --time-budget",
+                  flush=True)
+        print(f"time budget {budget.time_budget_s:.0f} s: {spent:.0f} s spent, AST trains for {train_s:.0f} s "
+              "(the step count follows from the step time measured in the first steps)", flush=True)
         timer = add_time_budget(trainer, train_s, tokens_per_step=tokens_per_step)
     trainer.train()
     log_history = list(trainer.state.log_history)

@@ -13,6 +13,12 @@ Per sparsified linear ``<name>`` with logical weight ``[out, in]`` (GPT-2 Conv1D
 * ``<name>.bias`` as is; SLoRB: ``<name>.slorb.weight`` (and ``<name>.slorb.projection`` when the projection was
   trained). Version 1 files call them ``slorb.S``/``slorb.X`` (:data:`LEGACY_SLORB_KEYS`); both versions are read.
 
+Per sparsified fused MoE expert parameter ``<param>`` (version 2; ``quantization_config.expert_targets`` lists them,
+e.g. ``model.layers.0.mlp.experts.gate_up_proj``) with ``E`` experts, each expert matrix stored in the logical
+``[out, in]`` layout (gpt-oss/Llama-4's ``[E, in, out]`` parameters are transposed at export, back at load):
+the same ``nm_values``/``nm_positions``/``nm_scales``/``nm_zeros`` as a linear, with a leading expert dimension
+(``<param>.nm_values`` ``[E, out, in*N/M]`` ...), :func:`expected_expert_tensors`. Expert biases stay dense tensors.
+
 Both the writer and the loader derive expected shapes/dtypes from :class:`NMSpec`, so they cannot drift.
 """
 
@@ -51,9 +57,13 @@ __all__ = [
     "unpack_codes",
     "dequantize_values",
     "unpack_weight",
+    "EXPERT_TENSORS",
+    "expected_expert_tensors",
+    "unpack_expert_weight",
 ]
 
-# 2: SLoRB tensors renamed slorb.S/X -> slorb.weight/projection. Version 1 files load (names mapped at load).
+# 2: SLoRB tensors renamed slorb.S/X -> slorb.weight/projection; packed fused MoE expert tensors (expert_targets).
+# Version 1 files load (names mapped at load).
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 QUANT_METHOD = "hf_sparse"
@@ -153,6 +163,7 @@ class NMSpec:
     targets: list[str] = field(default_factory=list)
     slorb: Optional[dict[str, Any]] = None
     format_version: int = FORMAT_VERSION
+    expert_targets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -175,6 +186,10 @@ class NMSpec:
                 )
         dtype_from_name(self.values_dtype)
         dtype_from_name(self.scale_dtype)
+        if self.expert_targets and self.format_version < 2:
+            raise FormatError(
+                f"quantization_config.expert_targets needs format_version >= 2, got {self.format_version!r}"
+            )
         if self.slorb is not None and not isinstance(self.slorb.get("group_size"), int):
             raise FormatError(f"quantization_config.slorb must carry an integer group_size, got {self.slorb!r}")
 
@@ -213,6 +228,8 @@ class NMSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        if not out["expert_targets"]:  # dense-expert exports read exactly as before
+            out.pop("expert_targets")
         out["quant_method"] = QUANT_METHOD
         return out
 
@@ -258,6 +275,26 @@ def expected_tensors(spec: NMSpec, out_features: int, in_features: int, has_bias
         if spec.slorb.get("train_projection"):
             tensors[projection_key] = ((in_features // k, in_features), torch.float32)
     return tensors
+
+
+#: the tensors of one packed fused expert parameter (no bias, no SLoRB: expert biases stay dense)
+EXPERT_TENSORS = (VALUES, POSITIONS, SCALES, ZEROS)
+
+
+def expected_expert_tensors(spec: NMSpec, num_experts: int, out_features: int, in_features: int
+                            ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Suffix -> (shape, dtype) of a packed fused expert parameter: a linear's packed tensors, ``[E, ...]``."""
+    linear = expected_tensors(spec, out_features, in_features, False)
+    return {k: ((num_experts, *shape), dtype) for k, (shape, dtype) in linear.items() if k in EXPERT_TENSORS}
+
+
+def unpack_expert_weight(values: torch.Tensor, positions: torch.Tensor, scales: Optional[torch.Tensor],
+                         zeros: Optional[torch.Tensor], spec: NMSpec, dtype: torch.dtype = torch.float32
+                         ) -> torch.Tensor:
+    """The dense ``[E, out, in]`` N:M expert weights, exactly dequantized (each expert as :func:`unpack_weight`)."""
+    experts, rows = values.shape[:2]
+    flat = [None if t is None else t.reshape(experts * rows, *t.shape[2:]) for t in (values, positions, scales, zeros)]
+    return unpack_weight(*flat, spec, dtype).reshape(experts, rows, -1)
 
 
 def slorb_keys(format_version: int = FORMAT_VERSION) -> tuple[str, str]:

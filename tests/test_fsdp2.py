@@ -88,7 +88,7 @@ def _check_fsdp2_run(out, single: dict) -> None:
         assert not r["ddp"]
     assert info[0]["gate_local_shape"] == [46, 64] and info[1]["gate_local_shape"] == [45, 64]  # 91 rows: uneven
     log = (out / "launch.log").read_text()  # the start-of-training line, once per rank
-    assert log.count("ASTTrainer: distributed mode FSDP2, world size 2 (backend gloo, device cpu)") == 2, log[-3000:]
+    assert log.count("ASTTrainer: distributed mode FSDP2, world size 2 (backend gloo, device cpu") == 2, log[-3000:]
     _check_same_run(torch.load(out / "result.pt"), single, steps=range(1, MAX_STEPS + 1))
 
 
@@ -122,11 +122,28 @@ def test_fsdp2_trainer_arguments_two_cpu_processes_match_one_process(fsdp_out, s
     _check_fsdp2_run(fsdp_out, single_run)
 
 
-def test_fsdp2_accelerate_config_two_cpu_processes_match_one_process(tmp_path, base, single_run):
-    """The accelerate config route (what recipes/accelerate/fsdp2-cpu.yaml sets), no fsdp in the arguments."""
+def _input_sq(checkpoint) -> dict[str, torch.Tensor]:
+    """The running activation sums a checkpoint holds (what the next recompute scores with)."""
+    from safetensors.torch import load_file
+
+    return {k.replace("._checkpoint_wrapped_module", ""): v
+            for k, v in load_file(checkpoint / "ast_state.safetensors").items()}
+
+
+def test_fsdp2_accelerate_config_two_cpu_processes_match_one_process(tmp_path, base, single_out, single_run):
+    """The accelerate config route (what recipes/accelerate/fsdp2-cpu.yaml sets), no fsdp in the arguments, with
+    FSDP2's activation checkpointing: the recompute in backward re-runs the AST input hooks, which must not count
+    the activations twice (a uniform 2x would leave the masks unchanged: the sums themselves are compared)."""
     _ok(_launch(tmp_path, base, "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", mode="--use_fsdp", script_args=("env",)))
+                "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_activation_checkpointing",
+                "true", mode="--use_fsdp", script_args=("env",)))
     _check_fsdp2_run(tmp_path, single_run)
+    assert all(json.loads((tmp_path / f"rank{r}.json").read_text())["activation_checkpointing"] for r in range(2))
+    sharded, single = (_input_sq(o / "out" / f"checkpoint-{SAVE_STEP}") for o in (tmp_path, single_out))
+    assert sharded.keys() == single.keys() and len(single) == 12
+    for name, sq in single.items():
+        assert float(sq.sum()) > 0
+        torch.testing.assert_close(sharded[name], sq, rtol=1e-5, atol=0)
 
 
 def test_fsdp2_resume_from_sharded_checkpoint_equals_uninterrupted_run(tmp_path, base, fsdp_out, single_run):
@@ -200,6 +217,55 @@ def test_fsdp1_and_deepspeed_arguments_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(NotImplementedError, match="does not support DeepSpeed.*\"version\": 2"):
         check_distributed_support(args)
+
+
+def test_fsdp2_checkpoints_are_switched_to_sharded_and_save_only_model_is_refused(monkeypatch):
+    """transformers' default FULL_STATE_DICT (a rank-0 gather at every save) becomes SHARDED_STATE_DICT."""
+    import types
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import StateDictType
+
+    from hf_sparse.training.fsdp import use_sharded_checkpoints
+
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT")
+    use_sharded_checkpoints(plugin, types.SimpleNamespace(save_only_model=False))
+    assert plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
+    assert type(plugin.state_dict_config).__name__ == "ShardedStateDictConfig"
+    with pytest.raises(ValueError, match="FSDP2: `save_only_model=True` is not supported"):
+        use_sharded_checkpoints(plugin, types.SimpleNamespace(save_only_model=True))
+
+
+@pytest.mark.parametrize("name, layer_cls", [("llama-2-7b", "LlamaDecoderLayer"),
+                                             ("llama-3.1-8b", "LlamaDecoderLayer"),
+                                             ("qwen2.5-7b", "Qwen2DecoderLayer")])
+def test_paper_scale_recipes_ask_for_fsdp2_with_the_paper_budget(name, layer_cls, monkeypatch):
+    """The 7-8B recipes: FSDP2 (passes the refusal check), the model's decoder layer wrapped, FSDP2's activation
+    checkpointing (not also transformers'), the paper's batch 128 x 4096 x 15k steps = 7.9B tokens and schedule."""
+    import types
+
+    from hf_sparse.training.recipe import load_recipe
+    from hf_sparse.training.trainer import check_distributed_support
+
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_USE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+    recipe = load_recipe(os.path.join(HERE, "..", "recipes", f"{name}.yaml"))
+    t = recipe["training"]
+    check_distributed_support(types.SimpleNamespace(deepspeed=None, **t))
+    fsdp_config = t["fsdp_config"]
+    assert fsdp_config["fsdp_version"] == 2 and fsdp_config["transformer_layer_cls_to_wrap"] == [layer_cls]
+    assert fsdp_config["activation_checkpointing"] is True and not t.get("gradient_checkpointing")
+    assert recipe["launch"]["num_processes"] == 8
+    sequences = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * 8
+    assert sequences == 128 and recipe["data"]["block_size"] == 4096
+    assert sequences * 4096 * t["max_steps"] == 7_864_320_000  # the token budget
+    assert (t["learning_rate"], t["warmup_steps"], t["lr_scheduler_type"]) == (2e-5, 500, "cosine")
+    assert (t["distill_alpha"], t["teacher_dtype"], t["bf16"]) == (0.3333, "bfloat16", True)
+    cfg = recipe.ast_config()
+    assert (cfg.n, cfg.m, cfg.masked_decay_peak, cfg.masked_decay_ramp_steps, cfg.mask_update_interval) == \
+        (2, 4, 6e-5, 3000, 10)
 
 
 # ---- the script ----
@@ -282,6 +348,7 @@ def _main(out: str, mode: str, base: str, resume: str = "") -> None:
     weights = {name: _full(p) for name, p in trainer.model.named_parameters()}
     for name, layer in ast_model.ast_layers():  # the merged (exactly N:M) target weights
         weights[name + ".merged"] = _full(layer.get_base_layer().weight) * _full(layer.ast_mask["default"])
+    weights = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in weights.items()}  # activation ckpt
     logs = [h for h in trainer.state.log_history if "loss" in h]
     callback = trainer.ast_callback
     result = {
@@ -301,7 +368,8 @@ def _main(out: str, mode: str, base: str, resume: str = "") -> None:
     if mode != "single":
         from torch.distributed.fsdp import FSDPModule
 
-        layer = dict(ast_model.ast_layers())["model.layers.0.mlp.gate_proj"]
+        layer = {n.replace("._checkpoint_wrapped_module", ""): l
+                 for n, l in ast_model.ast_layers()}["model.layers.0.mlp.gate_proj"]
         teacher_weight = next(trainer.teacher_model.parameters())
         info = {
             "world_size": torch.distributed.get_world_size(),
@@ -312,6 +380,8 @@ def _main(out: str, mode: str, base: str, resume: str = "") -> None:
             "teacher_weight_is_dtensor": isinstance(teacher_weight, DTensor),
             "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
             "gate_local_shape": list(layer.get_base_layer().weight.to_local().shape),
+            "activation_checkpointing": any("_checkpoint_wrapped_module" in n
+                                            for n, _ in trainer.model.named_modules()),
         }
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)

@@ -98,12 +98,12 @@ def test_errors_name_the_argument():
         TargetSelector(["nope"]).select(model)
     with pytest.raises(TypeError, match="embed_tokens: argument `target_modules` matched a Embedding"):
         TargetSelector(["embed_tokens"]).select(model)
-    with pytest.raises(NotImplementedError, match="target_parameters"):
-        ASTConfig(target_parameters=["mlp.experts.gate_up_proj"])
+    with pytest.raises(ValueError, match="argument `target_parameters`"):
+        ASTConfig(target_parameters="mlp.experts.gate_up_proj")  # PEFT's rule: a list of names/suffixes
 
 
 def test_target_parameters_select_fused_expert_tensors():
-    """Room for MoE: parameter names/suffixes as LoRA's `target_parameters` (AST refuses them for now)."""
+    """MoE: parameter names/suffixes as LoRA's `target_parameters` (AST wraps them: tests/test_moe.py)."""
     mixtral = tiny_model("mixtral")
     params = [n for n, p in mixtral.named_parameters() if p.dim() == 3]
     assert params, "transformers 5 stores Mixtral's experts as fused 3-D parameters"

@@ -8,6 +8,7 @@ linears must already be N:M sparse), or a checkpoint directory (an AST adapter o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,14 @@ from ..format import (
     POSITIONS, SCALES, SLORB_KEYS, SLORB_PROJECTION, SLORB_WEIGHT, VALUES, ZEROS, NMSpec, canonical_slorb_suffix,
     dtype_name,
 )
+from ..load_guard import add_load_guard
 from ..modules import SLoRB, SparseLinear
 from ..quantization import PackedWeight, get_quantization_method
 from ..quantization.config import HfSparseConfig
 from ..sparsity.nm import is_nm_sparse, nm_mask
 from ..targets import TargetSelector, matches
 from ..tuners.ast.layer import ASTLayer
+from .experts import ExpertSource, collect_sparse_experts, expert_tensors, fake_quantize_experts, pack_experts
 from .model_card import write_model_card
 from .provenance import check_adapter_base, save_tokenizer, source_defaults
 from .writer import write_json, write_shards
@@ -203,6 +206,7 @@ class PreparedExport:
     spec: NMSpec
     model_dtype: torch.dtype
     config: HfSparseConfig
+    experts: list[ExpertSource] = dataclasses.field(default_factory=list)  # fused MoE expert parameters (N:M)
 
 
 def prepare_export(model: nn.Module, config: HfSparseConfig, dtype: Optional[torch.dtype] = None) -> PreparedExport:
@@ -218,10 +222,14 @@ def prepare_export(model: nn.Module, config: HfSparseConfig, dtype: Optional[tor
     if values_dtype is None:
         store = dtype if dtype in (torch.float16, torch.bfloat16) else mdtype
         values_dtype = dtype_name(store if store in (torch.float16, torch.bfloat16) else torch.float16)
-    spec = config.spec_for([s.name for s in sources], values_dtype=values_dtype, slorb=_slorb_spec(sources))
+    experts = collect_sparse_experts(inner, config.n, config.m)
+    spec = config.spec_for([s.name for s in sources], values_dtype=values_dtype, slorb=_slorb_spec(sources),
+                           expert_targets=[e.name for e in experts])
     for s in sources:
         spec.check_shape(s.weight.shape[1], s.name)
-    return PreparedExport(inner, sources, spec, mdtype, config.written(spec))
+    for e in experts:
+        spec.check_shape(e.weight.shape[2], e.name)
+    return PreparedExport(inner, sources, spec, mdtype, config.written(spec), experts)
 
 
 def pack_sources(
@@ -303,7 +311,10 @@ def dense_state_dict(inner: nn.Module, targets: list[str], dtype: Optional[torch
     for key, value in inner.state_dict().items():
         if key.startswith(prefixes) or key in tied:
             continue
-        key = key.replace(".base_layer.", ".")
+        while ".base_layer." in key:  # nested wrappers (two AST expert ParamWrappers on one experts module)
+            key = key.replace(".base_layer.", ".")
+        if key in targets or any(part.startswith("ast_") for part in key.split(".")):
+            continue  # packed fused expert parameters, and the expert wrappers' masks
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         state[key] = value
@@ -350,7 +361,8 @@ def export(
     check_output_directory(Path(out_dir).resolve(), overwrite, local_sources)  # refuse before the slow packing
     packed = pack_sources(model, sources, spec, config.method, calibration_data)
 
-    tensors = dense_state_dict(inner, spec.targets, dtype)
+    tensors = dense_state_dict(inner, spec.targets + spec.expert_targets, dtype)
+    tensors.update(expert_tensors(pack_experts(prep.experts, spec, config.method)))
     for s in sources:
         p = packed[s.name]
         tensors[f"{s.name}.{VALUES}"] = p.values
@@ -373,6 +385,7 @@ def export(
     with atomic_directory(out_dir, overwrite=overwrite, sources=local_sources, writer="hf_sparse.export") as tmp:
         write_shards(tensors, tmp, max_shard_bytes=max_shard_size)
         model_config.save_pretrained(tmp)
+        add_load_guard(tmp / "config.json")  # plain transformers refuses it, naming hf_sparse (load_guard.py)
         generation_config = getattr(inner, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
@@ -402,10 +415,12 @@ def fake_quantize(
     prep = prepare_export(model, config, dtype)
     inner, sources, spec = prep.inner, prep.sources, prep.spec
     packed = pack_sources(model, sources, spec, config.method, calibration_data)
+    packed_experts = pack_experts(prep.experts, spec, config.method)
     if inner is not model or any(isinstance(mod, ASTLayer) for mod in inner.modules()):
         inner = model.merge_and_unload() if hasattr(model, "merge_and_unload") else inner
     for s in sources:
         module = inner.get_submodule(s.name)
         dense = packed[s.name].dense(spec, torch.float32)
         module.weight.data.copy_((dense.t() if s.conv1d else dense).to(module.weight.dtype))
+    fake_quantize_experts(inner, prep.experts, packed_experts, spec)
     return inner

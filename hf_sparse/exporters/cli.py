@@ -44,12 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration sequences")
     parser.add_argument("--seq-len", "--calibration-seqlen", dest="seq_len", type=int, default=512,
                         help="tokens per calibration sequence")
-    parser.add_argument("--format", dest="fmt", choices=tuple(EXPORT_FORMATS), default="hf_sparse")
-    parser.add_argument("--dtype", choices=dtype_names(), default="auto", help="dtype of the dense rest")
+    parser.add_argument("--format", dest="fmt", choices=tuple(EXPORT_FORMATS), default="hf_sparse",
+                        help="hf_sparse (packed N:M, loads after `import hf_sparse`) or compressed-tensors (zeros "
+                             "stored; the group size must divide every in_features)")
+    parser.add_argument("--dtype", choices=dtype_names(), default="auto",
+                        help="dtype of the dense rest (embeddings, norms, lm_head): 'auto' keeps the model's (fp32 for "
+                             "an fp32 model), float16 halves it")
     parser.add_argument("--n", type=int, default=2, help="kept weights per group")
     parser.add_argument("--m", type=int, default=4, help="group size along the input dimension")
-    parser.add_argument("--base-model", help="base model id for the model card")
-    parser.add_argument("--token-budget", help="training tokens, for the model card")
+    parser.add_argument("--base-model", help="base model id for the model card (default: what the source recorded: "
+                                             "`hf-sparse train`/`prune`/an earlier export)")
+    parser.add_argument("--token-budget",
+                        help="training tokens, for the model card (default: what the source recorded)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--overwrite", action="store_true",

@@ -72,6 +72,12 @@ def export_compressed_tensors(
     bits, symmetric, method = config.bits, config.symmetric, config.method
     prep = prepare_export(model, config, dtype)
     inner, sources, spec, model_dtype = prep.inner, prep.sources, prep.spec, prep.model_dtype
+    if prep.experts:  # its schemes quantize Linear modules by name; a fused [E, ., .] parameter is not one
+        raise ValueError(
+            f"--format compressed-tensors cannot express the N:M fused MoE expert parameter {prep.experts[0].name} "
+            f"({len(prep.experts)} in all): compressed-tensors targets Linear modules. Export with --format hf_sparse, "
+            "or train with ASTConfig(target_parameters=[]) to keep the experts dense"
+        )
     local_sources = source_paths(model, inner)
     check_output_directory(Path(out_dir).resolve(), overwrite, local_sources)
     if spec.slorb is not None:

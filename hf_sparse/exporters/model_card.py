@@ -15,9 +15,12 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..format import NMSpec
-from .provenance import is_hub_id, write_provenance
+from .provenance import base_model_license, is_hub_id, write_provenance
 
-__all__ = ["TEMPLATE_PATH", "create_model_card_for_trainer", "read_template", "render_model_card", "write_model_card"]
+__all__ = [
+    "TEMPLATE_PATH", "create_model_card_for_trainer", "read_template", "render_model_card", "update_model_card",
+    "write_model_card",
+]
 
 # the card template ships inside the package (pyproject: [tool.setuptools.package-data])
 _TEMPLATE = resources.files("hf_sparse").joinpath("templates", "model_card.md")
@@ -63,6 +66,7 @@ def render_model_card(
     architecture = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
     base_model = base_model or getattr(config, "_name_or_path", None) or None
     base_model = str(base_model) if base_model else None
+    license = license or base_model_license(base_model)  # the base model's own card/config, when readable offline
     if sparsity_method and sparsity_method.lower() == "ast":
         sparsity_method = "AST"
     tags = ["hf_sparse", f"{spec.n}:{spec.m}-sparsity", "semi-structured-sparsity"]
@@ -141,7 +145,7 @@ def write_model_card(directory: str | Path, spec: NMSpec, config: Any = None, **
     return path
 
 
-_PROVENANCE_KEYS = ("base_model", "sparsity_method", "token_budget", "recipe", "evaluation", "license",
+_PROVENANCE_KEYS = ("base_model", "sparsity_method", "quant_method", "token_budget", "recipe", "evaluation", "license",
                     "reexported_from", "export_format")
 
 
@@ -169,3 +173,31 @@ def create_model_card_for_trainer(trainer: Any, **fields: Any) -> bool:
              "template_path", "quant_method", "sparsity_method", "export_format", "reexported_from"}
     write_model_card(out, spec, None, **{k: v for k, v in fields.items() if k in known})
     return True
+
+
+def update_model_card(directory: str | Path, **fields: Any) -> Path:
+    """Re-render an hf_sparse export's card with more facts, e.g. the evaluation a run measures *after* exporting
+    (the demo reloads its export, then measures it). What the export recorded fills what ``fields`` leaves out;
+    README.md and the provenance file are replaced atomically (same file names: still an unchanged hf_sparse output).
+    """
+    from types import SimpleNamespace
+
+    from ..atomic import atomic_write_json, atomic_write_text
+    from .provenance import PROVENANCE_FILE
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "hf_sparse":
+        raise ValueError(f"update_model_card: {directory} is not an hf_sparse export (config.json quant_method "
+                         f"{qc.get('quant_method')!r})")
+    path = directory / PROVENANCE_FILE
+    facts = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    facts.update({k: v for k, v in fields.items() if v is not None})
+    render_fields = {k: v for k, v in facts.items() if k in _PROVENANCE_KEYS or k in ("repo_id", "model_name")}
+    render_fields.setdefault("quant_method", qc.get("method"))
+    card = render_model_card(NMSpec.from_dict(qc), SimpleNamespace(architectures=config.get("architectures")),
+                             **render_fields)
+    atomic_write_text(str(card), directory / "README.md")
+    atomic_write_json({k: v for k, v in facts.items() if v is not None}, path)
+    return directory / "README.md"

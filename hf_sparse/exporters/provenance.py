@@ -30,6 +30,9 @@ TOKENIZER_FILES = (
     "chat_template.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
     "sentencepiece.bpe.model",
 )
+#: licenses of base models whose local copy carries no model card: the offline default (hf_sparse.assets converts
+#: SmolLM2-135M-Instruct, Apache-2.0, from a GGUF into a card-less directory)
+KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 _ONESHOT_REPORT = "hf_sparse_oneshot.json"  # written by `hf-sparse prune`
 _RECIPE_FILE = "ast_recipe.yaml"  # written by `hf-sparse train` (hf_sparse.training.recipe.RECIPE_FILE)
 
@@ -102,6 +105,8 @@ def base_model_license(base_model: Optional[str]) -> Optional[str]:
     """The base model's license from its model card (``license:`` front matter) or config, when available offline."""
     if not base_model:
         return None
+    if str(base_model) in KNOWN_LICENSES:
+        return KNOWN_LICENSES[str(base_model)]
     card_path: Optional[Path] = None
     base = Path(str(base_model))
     if base.is_dir():

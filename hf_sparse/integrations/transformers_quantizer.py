@@ -36,7 +36,11 @@ from ..format import (
     positions_valid,
     safetensors_dtype,
 )
+from ..load_guard import strip_load_guard
+from ..format import expected_expert_tensors
 from ..modules import PackedNMLinear
+from ..modules.packed_experts import PackedExpertWeight, install_packed_expert
+from ..sparsity.experts import is_transposed_experts
 from ..quantization.config import HfSparseConfig
 
 logger = logging.getLogger(__name__)
@@ -243,6 +247,35 @@ def check_module_tensors(
             raise FormatError(f"{key}: dtype {got_dtype} does not match the format's {dtype}")
 
 
+def _install_packed_expert(model: nn.Module, modules: dict, name: str, spec: NMSpec, header: Optional[dict]) -> None:
+    """Swap the fused expert parameter ``name`` for a :class:`PackedExpertWeight` on meta (shapes checked first)."""
+    module_name, _, pname = name.rpartition(".")
+    experts = modules.get(module_name)
+    param = None if experts is None else experts._parameters.get(pname)
+    if param is None or param.dim() != 3:
+        raise FormatError(f"quantization_config.expert_targets names {name!r}, which is not a fused 3-D expert "
+                          f"parameter of {type(model).__name__}")
+    transposed = is_transposed_experts(experts)
+    if transposed is None:
+        raise FormatError(f"{name}: the layout of {type(experts).__name__} is unknown to hf_sparse (is_transposed)")
+    num_experts, a, b = param.shape
+    out_f, in_f = (b, a) if transposed else (a, b)
+    spec.check_shape(in_f, name)
+    if header is not None:
+        for suffix, (shape, dtype) in expected_expert_tensors(spec, num_experts, out_f, in_f).items():
+            key = f"{name}.{suffix}"
+            if key not in header:
+                raise FormatError(f"{key} is missing from the checkpoint (expected {list(shape)} {dtype})")
+            if header[key] != (shape, dtype):
+                got_shape, got_dtype = header[key]
+                raise FormatError(f"{key}: {list(got_shape)} {got_dtype} does not match the format's {list(shape)} "
+                                  f"{dtype} for {num_experts} experts of {out_f}x{in_f} {spec.n}:{spec.m} "
+                                  f"bits={spec.bits}")
+    dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
+    packed = PackedExpertWeight(num_experts, out_f, in_f, spec, transposed, dtype=dtype, device="meta", name=name)
+    install_packed_expert(experts, pname, packed)
+
+
 class HfSparseHfQuantizer(HfQuantizer):
     """Swap targets for PackedNMLinear on the meta device; load packed tensors as they are; validate."""
 
@@ -251,6 +284,11 @@ class HfSparseHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+    def update_attn_implementation(self, config):
+        """transformers' one look at the config before the checkpoint files resolve: drop the entry that makes
+        plain transformers refuse the export (:mod:`hf_sparse.load_guard`)."""
+        return super().update_attn_implementation(strip_load_guard(config))
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: Optional[list[str]] = None, **kwargs):
         spec = self.quantization_config.spec
@@ -272,8 +310,10 @@ class HfSparseHfQuantizer(HfQuantizer):
             dtype = module.weight.dtype if module.weight.is_floating_point() else torch.get_default_dtype()
             packed = PackedNMLinear(in_f, out_f, spec, bias=has_bias, device="meta", dtype=dtype, module_name=name)
             model.set_submodule(name, packed)
+        for name in spec.expert_targets:  # fused MoE expert parameters (format version 2)
+            _install_packed_expert(model, modules, name, spec, header)
         if header is not None:
-            check_stray_packed_tensors(spec.targets, header.keys())
+            check_stray_packed_tensors(spec.targets + spec.expert_targets, header.keys())
             check_missing_tensors(model, header.keys(), self)
         return model
 
@@ -301,7 +341,26 @@ class HfSparseHfQuantizer(HfQuantizer):
                     f"{name}.{POSITIONS} does not encode a valid {spec.n}:{spec.m} pattern (positions must be strictly "
                     f"increasing and < {spec.m} in every group): corrupted checkpoint"
                 )
+        for name in spec.expert_targets:
+            packed = model.get_submodule(name)
+            for bname, t in packed.named_buffers():
+                if t.device.type == "meta":
+                    raise FormatError(f"{name}.{bname} was not loaded from the checkpoint")
+            positions = getattr(packed, POSITIONS)
+            if not positions_valid(positions.reshape(-1, positions.shape[-1]), spec, spec.kept(packed.in_features)):
+                raise FormatError(f"{name}.{POSITIONS} does not encode a valid {spec.n}:{spec.m} pattern: corrupted "
+                                  "checkpoint")
         check_finite(model)  # nm_values (bits=16), nm_scales/nm_zeros, bias, SLoRB and every dense tensor
+        return model
+
+    def dequantize(self, model, dtype=None):
+        """transformers' ``dequantize`` (which drops ``quantization_config``), then the SLoRB modules it left are
+        recorded as a merged model's are, so ``save_pretrained``/``from_pretrained`` keep the branch."""
+        model = super().dequantize(model, dtype=dtype)
+        if any(getattr(m, "slorb", None) is not None for m in model.modules()):
+            from ..tuners.ast.merged import record_merged_slorb  # only here: loading never imports the tuner
+
+            record_merged_slorb(model)
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -8,6 +8,6 @@ PEFT nor the exporter.
 
 from .packed_linear import PackedNMLinear
 from .slorb import SLoRB, slorb_mean_init
-from .sparse_linear import SparseLinear, linear_forward
+from .sparse_linear import SparseConv1D, SparseLinear, linear_forward
 
-__all__ = ["PackedNMLinear", "SLoRB", "SparseLinear", "linear_forward", "slorb_mean_init"]
+__all__ = ["PackedNMLinear", "SLoRB", "SparseConv1D", "SparseLinear", "linear_forward", "slorb_mean_init"]

@@ -3,12 +3,22 @@
 It subclasses ``nn.Linear`` so PEFT (LoRA targeting), transformers and user code treat it as a linear
 layer; ``weight`` is a read-only property giving the exactly dequantized dense weight (built on demand,
 never stored). The forward goes through :func:`hf_sparse.kernels.dispatch.choose_path`.
-Merging a LoRA: use :func:`hf_sparse.merge_lora_keep_mask`, which calls :meth:`add_masked_delta_`
-(PEFT's own ``merge`` writes into ``weight.data``, a temporary here, and would be lost).
+Merging a LoRA: use :func:`hf_sparse.merge_lora_keep_mask`, or PEFT's ``merge_and_unload`` with hf_sparse's LoRA
+layer (:mod:`hf_sparse.integrations.peft_lora`); both call :meth:`add_masked_delta_`. PEFT's default merge
+(``weight.data = ...``) raises instead of losing the LoRA silently (see :attr:`PackedNMLinear.weight`).
+
+Dtype rule: casting the module (``model.to(dtype)``, ``.bfloat16()``...) changes the compute dtype (bias, SLoRB,
+the dequantized weight the kernels build) but never the packed tensors: their dtypes are part of the stored format
+(``quantization_config``), as when ``from_pretrained(dtype=...)`` loads them, so a cast model saves and reloads.
+Re-export (``hf_sparse.export(..., dtype=...)``) to change the stored format.
+
+Memory: what the kernels cache (the dequantized dense copy, converted low-bit weights) is held as non-persistent
+buffers, so ``model.get_memory_footprint()`` counts it once it exists (it is never saved).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
@@ -28,7 +38,103 @@ from ..kernels import dispatch
 from ..quantization import pack_rtn
 from .slorb import SLoRB
 
-__all__ = ["PackedNMLinear"]
+__all__ = ["PackedNMLinear", "PackedWeightView"]
+
+#: the packed tensors, whose dtypes the format fixes (a dtype cast of the module leaves them as stored)
+PACKED_TENSORS = (VALUES, POSITIONS, SCALES, ZEROS)
+_CACHE_BUFFER_PREFIX = "_kernel_cache_"
+
+
+class PackedWeightView(torch.Tensor):
+    """``PackedNMLinear.weight`` as PEFT sees it: a dequantized copy that refuses ``.data`` assignment (writes fail,
+    not vanish).
+
+    PEFT's default LoRA merge/unmerge (and PiSSA/OLoRA-style inits) end in ``base_layer.weight.data = ...``, which on
+    a temporary would silently drop the change. Every other use (shape, dtype, ``F.linear``, clone) is a plain tensor.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results of ops are plain tensors
+
+    @property
+    def data(self) -> torch.Tensor:  # type: ignore[override]
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        raise RuntimeError(
+            f"{getattr(self, '_hf_sparse_owner', 'PackedNMLinear')}.weight is a dequantized view of packed N:M tensors: "
+            "assigning to weight.data (what PEFT's default LoRA merge/unmerge does) cannot change them and would be "
+            "lost. Merge a LoRA with hf_sparse.merge_lora_keep_mask(peft_model), or build it with "
+            "`from hf_sparse.integrations.peft_lora import register_packed_lora; "
+            "get_peft_model(model, register_packed_lora(lora_config))` so that merge_and_unload() keeps the N:M mask"
+        )
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).clone()
+
+    def __reduce_ex__(self, protocol: int):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def _cached_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors a kernel-cache entry holds (tensors, tuples of them, tensor subclasses' inner tensors)."""
+    if isinstance(value, torch.Tensor):
+        flatten = getattr(type(value), "__tensor_flatten__", None)
+        if flatten is not None and type(value) is not torch.Tensor and not isinstance(value, nn.Parameter):
+            names, _ = value.__tensor_flatten__()  # e.g. SparseSemiStructuredTensor: packed values + metadata
+            return [t for n in names for t in _cached_tensors(getattr(value, n))]
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _cached_tensors(v)]
+    return []
+
+
+class _KernelCache(dict):
+    """``module._kernel_cache``: a dict whose tensors are mirrored as the module's non-persistent buffers.
+
+    The kernels (:mod:`hf_sparse.kernels`) keep their converted weights here; mirroring them in ``_buffers`` makes
+    ``model.get_memory_footprint()`` (parameters + buffers) report what is really held. It references the module's
+    ``_buffers`` dict (not the module), so ``copy.deepcopy``/pickle keep the copy pointing at the copied module's.
+    """
+
+    def __init__(self, buffers: dict, non_persistent: set) -> None:
+        super().__init__()
+        self._buffers, self._non_persistent = buffers, non_persistent
+
+    def _sync(self) -> None:
+        for name in [n for n in self._buffers if n.startswith(_CACHE_BUFFER_PREFIX)]:
+            del self._buffers[name]
+            self._non_persistent.discard(name)
+        for i, tensor in enumerate(t for v in self.values() for t in _cached_tensors(v)):
+            name = f"{_CACHE_BUFFER_PREFIX}{i}"
+            self._buffers[name] = tensor
+            self._non_persistent.add(name)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._sync()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._sync()
+
+    def pop(self, key: str, *default: Any) -> Any:
+        value = super().pop(key, *default)
+        self._sync()
+        return value
+
+    def clear(self) -> None:
+        super().clear()
+        self._sync()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._sync()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        value = super().setdefault(key, default)
+        self._sync()
+        return value
 
 
 class PackedNMLinear(nn.Linear):
@@ -60,7 +166,8 @@ class PackedNMLinear(nn.Linear):
             self.slorb = slorb.to(device=device, dtype=dtype)
         else:
             self.slorb = None
-        self._kernel_cache: dict[str, Any] = {}
+        self._module_name = module_name
+        self._kernel_cache: dict[str, Any] = _KernelCache(self._buffers, self._non_persistent_buffers_set)
 
     # ---- views of the packed weight ----
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -70,8 +177,18 @@ class PackedNMLinear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        """Dequantized dense weight (a fresh tensor: writing into it does not change the module)."""
-        return self.dequantized_weight()
+        """Dequantized dense weight, a fresh tensor (writing into it does not change the module).
+
+        PEFT's code (the caller's module is ``peft.*``) gets it as a :class:`PackedWeightView`, whose ``.data``
+        assignment raises: that is how PEFT's default LoRA merge writes, and the write would be lost. Everyone else
+        gets a plain tensor (a subclass would upset e.g. ``torch.testing.assert_close`` against a Parameter).
+        """
+        weight = self.dequantized_weight()
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller == "peft" or caller.startswith("peft."):
+            weight = weight.as_subclass(PackedWeightView)
+            weight._hf_sparse_owner = self._module_name
+        return weight
 
     def nm_mask(self) -> torch.Tensor:
         """Bool ``[out, in]`` mask of the kept positions (what ``merge_lora_keep_mask`` respects)."""
@@ -108,9 +225,19 @@ class PackedNMLinear(nn.Linear):
             out = out + self.slorb(x).to(out.dtype)
         return out
 
-    def _apply(self, fn, recurse=True):  # moving/casting invalidates cached compressed weights
-        self._kernel_cache = {}
-        return super()._apply(fn, recurse)
+    def _apply(self, fn, recurse=True):
+        """Moves and casts: the packed tensors move but keep their stored dtype (the module docstring's rule);
+        cached kernel weights are dropped (rebuilt for the new device/dtype on the next forward)."""
+        self._kernel_cache.clear()
+        packed = {id(t) for name, t in self._buffers.items() if name in PACKED_TENSORS and t is not None}
+
+        def keep_stored_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in packed and out.dtype != t.dtype:
+                out = t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_stored_dtype, recurse)
 
     def extra_repr(self) -> str:
         s = self.spec

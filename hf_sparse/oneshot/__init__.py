@@ -8,6 +8,7 @@ the already-pruned ones. New methods register with ``@register_pruner("name")``.
 
 from . import magnitude, sparsegpt, wanda  # noqa: F401  (register the built-in pruners)
 from .api import prune_oneshot, select_targets
+from .experts import prune_experts_oneshot
 from ..calibration import as_batches, calibration_ids_from_text, load_calibration_ids
 from .magnitude import MagnitudePruner
 from .registry import PRUNERS, OneShotPruner, get_pruner, register_pruner
@@ -26,6 +27,7 @@ __all__ = [
     "find_decoder_layers",
     "get_pruner",
     "load_calibration_ids",
+    "prune_experts_oneshot",
     "prune_oneshot",
     "prune_sequential",
     "register_pruner",

@@ -134,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method,
         "model": args.model,
         "base_model": _base_model_name(args.model),  # what the export's model card names (and links, for a hub id)
-        "license": "apache-2.0" if args.model is None else None,  # the bundled SmolLM2's; else read from its card
         "n": args.n,
         "m": args.m,
         "num_targets": len(masks),

@@ -7,7 +7,7 @@ file at CLI start-up.
 from __future__ import annotations
 
 import sys
-from argparse import ArgumentDefaultsHelpFormatter, ArgumentParser
+from argparse import ArgumentParser
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
@@ -22,7 +22,9 @@ class HfSparseExportCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser: ArgumentParser) -> None:
-        parser.formatter_class = ArgumentDefaultsHelpFormatter  # --help shows every default
+        from ..cli import DefaultsHelpFormatter  # argparse only: keeps optimum-cli's start-up light
+
+        parser.formatter_class = DefaultsHelpFormatter  # --help shows every default
         parser.add_argument("-m", "--model", required=True, help="model directory or hub id")
         parser.add_argument("output", help="export directory (written atomically)")
         parser.add_argument("--n", type=int, default=2, help="kept values per group")

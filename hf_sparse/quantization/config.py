@@ -57,6 +57,7 @@ class HfSparseConfig(QuantizationConfigMixin):
         slorb: Optional[dict[str, Any]] = None,
         format_version: int = FORMAT_VERSION,
         verify_checksums: bool = True,
+        expert_targets: Optional[list[str]] = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -69,6 +70,7 @@ class HfSparseConfig(QuantizationConfigMixin):
         self.values_dtype, self.scale_dtype = values_dtype, scale_dtype
         self.slorb = slorb
         self.format_version = format_version
+        self.expert_targets = list(expert_targets or [])  # exact fused MoE expert parameter names (filled by export)
         self.verify_checksums = verify_checksums and os.environ.get("HF_SPARSE_VERIFY_CHECKSUMS", "1") != "0"
         if method not in QUANTIZATION_METHODS:
             raise ValueError(f"HfSparseConfig: argument `method` must be one of {sorted(QUANTIZATION_METHODS)}, got {method!r}")
@@ -103,21 +105,23 @@ class HfSparseConfig(QuantizationConfigMixin):
     @property
     def spec(self) -> NMSpec:
         """The on-disk spec of a loaded export (its ``targets`` are the exact names)."""
-        return self.spec_for(list(self.targets or []))
+        return self.spec_for(list(self.targets or []), expert_targets=self.expert_targets)
 
     def spec_for(self, targets: list[str], values_dtype: Optional[str] = None,
-                 slorb: Optional[dict[str, Any]] = None) -> NMSpec:
+                 slorb: Optional[dict[str, Any]] = None, expert_targets: Optional[list[str]] = None) -> NMSpec:
         """The :class:`NMSpec` to write for these exact targets (validated; errors name the field)."""
         return NMSpec(
             n=self.n, m=self.m, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
             values_dtype=values_dtype or self.values_dtype or "float16", scale_dtype=self.scale_dtype,
             targets=list(targets), slorb=slorb if slorb is not None else self.slorb, format_version=self.format_version,
+            expert_targets=list(expert_targets or []),
         )
 
     def written(self, spec: NMSpec) -> "HfSparseConfig":
         """The config as stored with an export packed by ``spec`` (exact targets, dtypes, SLoRB)."""
         out = copy.copy(self)
         out.targets, out.values_dtype, out.slorb = list(spec.targets), spec.values_dtype, spec.slorb
+        out.expert_targets = list(spec.expert_targets)
         out.group_size = spec.group_size
         return out
 

@@ -30,6 +30,7 @@ from ..atomic import atomic_write
 from ..sparsity.scores import activation_scaled_score, magnitude_score
 from ..tuners.ast.config import ASTConfig
 from ..tuners.ast.model import find_ast_model  # noqa: F401  (re-exported: it lived here)
+from .expert_stats import expert_activation_scores, register_expert_activation_hooks
 from .fsdp import is_sharded, local, update_masks_local
 from .optim import MaskedDecayAdamW, unwrap_optimizer
 from .plots import PLOT_FILE, plot_training
@@ -127,6 +128,8 @@ class ASTMaskCallback(TrainerCallback):
                 else:
                     prev.mul_(ema).add_(sq, alpha=1 - ema)
             self._hooks.append(layer.register_forward_pre_hook(hook))
+        # fused MoE experts: per-expert routed inputs (hf_sparse.training.expert_stats)
+        self._hooks += register_expert_activation_hooks(self.ast_model, self._input_sq, ema)
 
     def _input_sq_of(self, x: torch.Tensor) -> torch.Tensor:
         """Σ x² per input channel; q/k/v (and gate/up) see the same tensor: reduce it once, not per layer."""
@@ -168,7 +171,8 @@ class ASTMaskCallback(TrainerCallback):
         if self._sharded:  # FSDP2: each rank recomputes its own rows; flip counts summed over ranks
             flipped, flipped_init, numel = update_masks_local(self.ast_model, self._scores())
         else:
-            updates = self.ast_model.update_masks(self._scores())
+            scores = self._scores()  # also sets _keep_experts: experts that received no tokens keep their masks
+            updates = self.ast_model.update_masks(scores, keep_experts=self._keep_experts)
             flipped = sum(u.flipped_vs_previous for u in updates.values())
             flipped_init = sum(u.flipped_vs_initial for u in updates.values())
             numel = sum(u.numel for u in updates.values())
@@ -184,6 +188,7 @@ class ASTMaskCallback(TrainerCallback):
         return control
 
     def _scores(self) -> Optional[dict[str, torch.Tensor]]:
+        self._keep_experts: Optional[dict[str, torch.Tensor]] = None
         if self.config.mask_score != "activation":
             return None
         scores = {}
@@ -199,6 +204,8 @@ class ASTMaskCallback(TrainerCallback):
                 scores[name] = magnitude_score(weight)  # no activations seen yet: fall back to |W|
                 continue
             scores[name] = activation_scaled_score(weight, sq.sqrt(), input_dim=layer.input_dim)
+        expert_scores, self._keep_experts = expert_activation_scores(self.ast_model, self._input_sq, _is_dist())
+        scores.update(expert_scores)
         return scores
 
     # ---- logging through the Trainer's log ----
@@ -208,13 +215,15 @@ class ASTMaskCallback(TrainerCallback):
         kept_total, numel_total = defaultdict(int), defaultdict(int)
         kept_sq = pruned_sq = 0.0
         with torch.no_grad():
-            for name, layer in self.ast_model.ast_layers():
+            targets = [(n, l, l.get_base_layer().weight) for n, l in self.ast_model.ast_layers()]
+            targets += [(n, w, w.get_param()) for n, w in self.ast_model.ast_expert_layers()]  # fused MoE experts
+            for name, layer, weight in targets:
                 mask = local(layer.ast_mask[layer.active_adapters[0]])  # FSDP2: local rows, summed below
                 group = _group_of(name)
                 kept_total[group] += int(mask.sum())
                 numel_total[group] += mask.numel()
                 if self.log_norms:
-                    w = local(layer.get_base_layer().weight).detach().float()
+                    w = local(weight).detach().float()
                     kept_sq += float((w * mask).pow(2).sum())
                     pruned_sq += float((w * ~mask).pow(2).sum())
         if getattr(self, "_sharded", False) and _is_dist():

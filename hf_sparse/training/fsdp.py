@@ -14,6 +14,10 @@ rows and an N:M mask along the input dim is computable from the local shard alon
 - A placement other than ``Shard(0)`` on a 1-D mesh (``shard_placement_fn`` choosing ``Shard(1)``, HSDP meshes) or a
   fan-in-fan-out weight (GPT-2's ``Conv1D``: dim 0 is the input dim, so N:M groups would straddle ranks) is refused.
 
+Checkpoints are sharded (:func:`use_sharded_checkpoints`: every rank writes its rows through accelerate's
+``torch.distributed.checkpoint`` path, resume reads them back onto the same shards); the final model is gathered
+once onto rank 0 and written as an ordinary AST adapter (:func:`save_full_model`, what ``save_model()`` does).
+
 On CPU accelerate never enables FSDP (``AcceleratorState`` only switches accelerator device types to
 ``DistributedType.FSDP``; ``MULTI_CPU`` keeps the plugin's request and silently trains DDP).
 :func:`enable_fsdp2_on_cpu` makes the same switch accelerate makes for GPUs, so the Trainer then takes its ordinary
@@ -135,7 +139,7 @@ def distributed_mode(trainer: Any) -> str:
 
 
 # ---- checkpoints: sharded while training, the final model once as a full state dict ----
-def use_sharded_checkpoints(plugin: Any) -> None:
+def use_sharded_checkpoints(plugin: Any, args: Any = None) -> None:
     """Make the Trainer's checkpoints sharded (``torch.distributed.checkpoint``: every rank writes its own rows of
     the weights, masks and Adam moments, nothing is gathered), whatever ``state_dict_type`` says.
 
@@ -147,6 +151,12 @@ def use_sharded_checkpoints(plugin: Any) -> None:
     """
     from torch.distributed.fsdp import StateDictType
 
+    if getattr(args, "save_only_model", False):  # transformers refuses it with SHARDED_STATE_DICT too
+        raise ValueError(
+            "ASTTrainer under FSDP2: `save_only_model=True` is not supported: checkpoints are sharded "
+            "(SHARDED_STATE_DICT) and hold the model state with the optimizer's; drop save_only_model and call "
+            "trainer.save_model() for the full model"
+        )
     if plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT:
         return
     logger.info("ASTTrainer under FSDP2: checkpoints are sharded (SHARDED_STATE_DICT, was %s); save_model() "

@@ -51,6 +51,10 @@ def initialize_ast_masks(
     ast_model, config = _ast_model(peft_model)
     pruner_cls = get_pruner(method)
     layers = dict(ast_model.ast_layers())
+    if ast_model.ast_expert_layers() and method != "magnitude":
+        logger.warning("mask_init=%r sets the Linear targets' masks; the %d fused MoE expert parameters keep their "
+                       "magnitude masks (hf_sparse.oneshot.prune_experts_oneshot prunes experts per routed expert)",
+                       method, len(ast_model.ast_expert_layers()))
     if not layers:
         raise ValueError("initialize_ast_masks: the model has no AST layers")
     bases = {name: layer.get_base_layer() for name, layer in layers.items()}

@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -84,16 +84,18 @@ class TimeBudgetCallback(TrainerCallback):
         margin: the measured step time is multiplied by this (periodic mask recomputes and logging are not in
             every step).
         tokens_per_step: for :meth:`report` when the Trainer does not count input tokens.
+        clock: seconds since some origin (default ``time.perf_counter``; tests pass a deterministic one).
     """
 
     def __init__(self, seconds: float, measure_steps: int = 3, margin: float = 1.05,
-                 tokens_per_step: Optional[int] = None) -> None:
+                 tokens_per_step: Optional[int] = None, clock: Callable[[], float] = time.perf_counter) -> None:
         if seconds <= 0:
             raise ValueError(f"TimeBudgetCallback: argument `seconds` must be > 0, got {seconds}")
         if measure_steps < 1:
             raise ValueError(f"TimeBudgetCallback: argument `measure_steps` must be >= 1, got {measure_steps}")
         self.seconds, self.measure_steps, self.margin = float(seconds), int(measure_steps), float(margin)
         self.tokens_per_step = tokens_per_step
+        self.clock = clock
         self.progress: Optional[ProgressCallback] = None
         self._start = 0.0
         self._mark: Optional[tuple[int, float]] = None  # (step, time) after the warm-up step
@@ -106,13 +108,13 @@ class TimeBudgetCallback(TrainerCallback):
         self.train_s = 0.0
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        self._start = time.perf_counter()
+        self._start = self.clock()
         self.upper_bound = state.max_steps
         self._mark, self.step_s, self.planned_steps, self.stopped_by_clock = None, None, None, False
         return control
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        now = time.perf_counter()
+        now = self.clock()
         elapsed = now - self._start
         if self._mark is None:
             self._mark = (state.global_step, now)  # the first step in this run: warm-up, not timed
@@ -135,7 +137,7 @@ class TimeBudgetCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        self.train_s = time.perf_counter() - self._start
+        self.train_s = self.clock() - self._start
         self.steps = state.global_step
         seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self.tokens = seen if seen else state.global_step * int(self.tokens_per_step or 0)

@@ -168,7 +168,7 @@ class ASTTrainer(Trainer):
             logger.warning("ASTTrainer: FSDP2 cpu_ram_efficient_loading turned off (AST masks are buffers)")
             plugin.cpu_ram_efficient_loading = False
         if self.is_fsdp2:
-            use_sharded_checkpoints(plugin)  # checkpoints: each rank its shard; save_model(): the full model once
+            use_sharded_checkpoints(plugin, self.args)  # sharded checkpoints; save_model(): full model
 
     @property
     def is_fsdp2(self) -> bool:

@@ -58,6 +58,7 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
         self.ast_initial_mask = BufferDict({}, persistent=True)
         self.ast_nm: dict[str, tuple[int, int]] = {}
         self.ast_slorb = nn.ModuleDict({})  # always empty; the tuner's trainability loop reads it
+        self.ast_cast_scale = nn.ParameterDict({})  # always empty: schedule="progressive" is refused for experts
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._pruned_backup: dict[str, torch.Tensor] = {}
@@ -87,6 +88,11 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"{module_name}: SLoRB is not implemented for fused MoE expert parameters (argument `use_slorb`=True); "
                 "pass ASTConfig(use_slorb=False), or target_parameters=[] to keep the experts dense"
+            )
+        if getattr(config, "schedule", "ast") != "ast":
+            raise ValueError(
+                f"{module_name}: ASTConfig(schedule={config.schedule!r}) is not implemented for fused MoE expert "
+                "parameters; use schedule='ast', or target_parameters=[] to keep the experts dense"
             )
         param = self.get_param()
         self.ast_nm[adapter_name] = (config.n, config.m)

@@ -264,7 +264,8 @@ class ASTModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         params = dict(model.named_parameters())
         layers, _ = _owned_elsewhere(model)
-        slorb_prefixes = {f"{name}.ast_slorb" for name in layers}
+        # the adapter's own parameters (SLoRB; the progressive schedule's scales) go to load_state_dict as PEFT's do
+        slorb_prefixes = {f"{name}.{own}" for name in layers for own in ("ast_slorb", "ast_cast_scale")}
         left = {}
         with torch.no_grad():
             for key, value in remapped.items():
