@@ -79,7 +79,7 @@ def measure(name, model, tok, eval_ids, reference, args, extra=None, other_ids=N
         row["other_perplexity"] = evaluate_lm(model, other_ids, max_length=args.seq_len, stride=args.seq_len,
                                               device=args.device, progress=False)["perplexity"]
     if not args.no_chat:
-        chat = chat_accuracy(model, tok, questions=load_questions())
+        chat = chat_accuracy(model, tok, questions=load_questions()[: args.chat_questions])
         row["chat_accuracy"] = chat["accuracy"]
     row["eval_s"] = time.time() - t
     row.update(extra or {})
@@ -143,6 +143,9 @@ def main() -> int:
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt,fixed,ast,ast_slorb")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-chat", action="store_true", help="skip the chat check")
+    p.add_argument("--chat-questions", type=int, default=None, help="first N chat questions only (default: all)")
+    p.add_argument("--start", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
+                   help="one-shot result the trained rows start from (their initial mask)")
     p.add_argument("--pruned-init", default="oneshot", choices=["oneshot", "dense"],
                    help="pruned weights of the trained rows start as the one-shot model has them, or dense")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -179,7 +182,7 @@ def main() -> int:
     pruned: dict[str, tuple] = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         trained = {"fixed", "ast", "ast_slorb", "ast_progressive", "ast_lr_high", "ast_cosine"}
-        if method not in methods and not (method == "sparsegpt" and trained & set(methods)):
+        if method not in methods and not (method == args.start and trained & set(methods)):
             continue
         t = time.time()
         model = copy.deepcopy(dense)
@@ -188,7 +191,7 @@ def main() -> int:
         if method in methods:
             rows.append(measure(f"one-shot {method}", model, tok, eval_ids, reference, args, {"prune_s": prune_s},
                                 other_ids))
-        if method == "sparsegpt":
+        if method == args.start:
             pruned[method] = (model, masks)
         else:
             del model
@@ -220,7 +223,7 @@ def main() -> int:
         name, cfg, row_lr, schedule = configs[key]
         plan = f"{args.max_steps} steps" if args.max_steps else f"{args.budget_s:.0f} s"
         print(f"training {name} ({plan} x {args.batch_size} x {args.seq_len} tokens) ...", flush=True)
-        model, extra = train(name, teacher, *pruned["sparsegpt"], cfg, dataset, curve_ids, args, use_bf16,
+        model, extra = train(name, teacher, *pruned[args.start], cfg, dataset, curve_ids, args, use_bf16,
                              steps, row_lr, schedule)
         rows.append(measure(name, model.float(), tok, eval_ids, reference, args, extra, other_ids))
         del model

@@ -1,7 +1,9 @@
 """``hf-sparse`` command line: thin verbs that parse arguments and call the library.
 
 Each verb lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``,
-imported only when used, so one verb's optional dependencies never break another.
+imported only when used, so one verb's optional dependencies never break another. Every ``--help`` shows the
+defaults; ``hf-sparse --version``; an error is one line on stderr (exit 1), ``--debug`` (before or after the verb)
+re-raises it with its traceback.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text.lower():
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS \
+                or "default" in text.lower():
             return text
         return super()._get_help_string(action)
 

@@ -115,6 +115,9 @@ def _budget(args: argparse.Namespace) -> Budget:
         raise SystemExit(f"hf-sparse demo: --chat-fraction must be in [0, 1], got {args.chat_fraction}")
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"hf-sparse demo: --max-steps must be >= 1, got {args.max_steps}")
+    if args.schedule == "progressive" and args.slorb:
+        raise SystemExit("hf-sparse demo: --schedule progressive does not combine with --slorb (its dense forward and "
+                         "per-half-row scales stand in for SLoRB)")
     time_budget_s = None
     if args.max_steps is None and not (args.smoke and args.time_budget is None):
         from .training.time_budget import parse_duration
@@ -150,7 +153,7 @@ def heldout_stream(tokenizer: Any, texts: list[str], n_tokens: int) -> torch.Ten
 
 def training_dataset(tokenizer: Any, texts: list[str], chat: list[str], budget: Budget, seed: int):
     """Blocks of ``seq_len`` tokens: a ``chat_fraction`` share packed from the teacher's chat conversations,
-    the rest from the training text: ``max_steps * batch_size`` blocks when the text is long enough."""
+    the rest from the training text: ``max_steps * batch_size`` blocks (either part repeats when it is short)."""
     from torch.utils.data import ConcatDataset
 
     from .text import tokenize_texts
@@ -172,8 +175,9 @@ def training_dataset(tokenizer: Any, texts: list[str], chat: list[str], budget: 
         available = len(text_ids) // budget.seq_len
         if available < 1:
             raise ValueError(f"training text has {len(text_ids)} tokens, less than one block of {budget.seq_len}")
-        # a text shorter than n_text blocks gives fewer blocks; the Trainer then runs more than one epoch
         starts = torch.randperm(available, generator=g)[:n_text]
+        if len(starts) < n_text:  # a short text repeats (epochs), so the chat/text mix stays `chat_fraction`
+            starts = starts.repeat(-(-n_text // len(starts)))[:n_text]
         blocks = [text_ids[s * budget.seq_len:(s + 1) * budget.seq_len] for s in starts.tolist()]
         parts.append(TextBlocks(torch.cat(blocks), budget.seq_len))
     return ConcatDataset(parts)

@@ -142,6 +142,8 @@ def test_budget_arguments_max_steps_overrides_the_time_budget():
         _budget(_args("--time-budget", "soon"))
     with pytest.raises(SystemExit, match="--max-steps"):
         _budget(_args("--max-steps", "0"))
+    with pytest.raises(SystemExit, match="--schedule progressive"):
+        _budget(_args("--schedule", "progressive", "--slorb"))
 
 
 def test_other_domain_column_is_skipped_with_a_message_when_not_installed(tmp_path, monkeypatch, capsys):
@@ -201,3 +203,15 @@ def test_precision_probe_times_real_steps_and_leaves_the_student_unchanged(monke
     assert isinstance(use, bool) and why.startswith("timed: bf16")
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
     assert all(p.grad is None for p in student.parameters())
+
+
+def test_training_dataset_keeps_the_mix_when_the_text_is_short():
+    tok = tiny_chat_tokenizer()
+    chat = [tok.apply_chat_template([{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+                                    tokenize=False)]
+    short = "Short text, a few blocks only. " * 3
+    data = training_dataset(tok, [short], chat, Budget(max_steps=50, batch_size=2, seq_len=16, chat_fraction=0.5), 0)
+    chat_part, text_part = data.datasets
+    assert len(data) == 100 and len(chat_part) == len(text_part) == 50  # the text repeats to fill its half
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert not any(bool((text_part[i]["input_ids"] == start).any()) for i in range(50))

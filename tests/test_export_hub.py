@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_sparse
 from hf_sparse.cli import main
-from hf_sparse.format import NMSpec
+from hf_sparse.format import FORMAT_VERSION, NMSpec
 from hf_sparse.integrations.hub import render_model_card, upload_file_set
 
 CARD = {
@@ -33,7 +33,7 @@ def test_rendered_card_has_every_section():
         "[HuggingFaceTB/SmolLM2-135M]", "2:4 semi-structured sparse + int4 (group size 128, symmetric)",
         "2:4 along the input dimension of 3 linear layers", "int4, group size 128, symmetric, gptq", "k=16",
         "2,000,000", "learning_rate: 0.0001", "| wikitext ppl | 21.3 | 24.9 |", "| KL to dense |  | 0.21 |",
-        'AutoModelForCausalLM.from_pretrained("me/smol-2of4")', "import hf_sparse", "hf_sparse v1",
+        'AutoModelForCausalLM.from_pretrained("me/smol-2of4")', "import hf_sparse", f"hf_sparse v{FORMAT_VERSION}",
     ):
         assert needle in text, needle
 

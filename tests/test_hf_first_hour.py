@@ -62,6 +62,8 @@ def test_prune_then_export_carries_tokenizer_chat_template_and_provenance(chat_b
     assert prompt.endswith("<|im_start|>assistant\n")
     generator = pipeline("text-generation", model=str(out), device="cpu")
     assert isinstance(generator("Hi", max_new_tokens=3, do_sample=False)[0]["generated_text"], str)
+    assert main(["eval", "--model", str(out), "--text-file", str(HAMLET), "--max-tokens", "256", "--max-length", "64",
+                 "--stride", "32", "--no-progress"]) == 0
 
     card, text = _card(out)
     assert "sparsified with wanda (one-shot)" in text and "AST" not in text.split("## Recipe")[0]
@@ -285,3 +287,39 @@ def test_license_comes_from_the_base_models_card_or_the_bundled_models_known_one
     assert render_model_card(spec, None, base_model=str(chat_base)).data.license == "mit"
     assert render_model_card(spec, None, base_model="HuggingFaceTB/SmolLM2-135M-Instruct").data.license == "apache-2.0"
     assert render_model_card(spec, None, base_model="org/unknown").data.license is None
+
+
+def test_trainer_warns_when_the_adapter_will_name_no_base_model(caplog):
+    from conftest import tiny_model
+
+    from hf_sparse import ASTTrainer, ASTTrainingArguments
+
+    args = ASTTrainingArguments(output_dir="unused", use_cpu=True, report_to=[], distill_alpha=0.0)
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.trainer"):
+        ASTTrainer(model=tiny_model("llama"), args=args)
+    assert any("names no base model" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    named = tiny_model("llama")
+    named.name_or_path = "org/base"
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.trainer"):
+        ASTTrainer(model=named, args=args)
+    assert not any("names no base model" in r.getMessage() for r in caplog.records)
+
+
+def test_trainer_push_to_hub_card_keeps_the_exports_provenance(tmp_path):
+    from conftest import tiny_model
+    from transformers import Trainer, TrainingArguments
+
+    from hf_sparse.exporters.model_card import create_model_card_for_trainer
+
+    model = tiny_model("llama")
+    hf_sparse.prune_oneshot(model, "magnitude")
+    out = tmp_path / "e"
+    hf_sparse.export(model, out, bits=4, group_size=32, card={"sparsity_method": "sparsegpt (one-shot)",
+                                                               "base_model": "org/base", "token_budget": 0})
+    trainer = Trainer(model=tiny_model("llama"), args=TrainingArguments(output_dir=str(out), report_to=[],
+                                                                         use_cpu=True))
+    assert create_model_card_for_trainer(trainer)
+    card, text = _card(out)
+    assert "sparsified with sparsegpt (one-shot)" in text and card.data.base_model == "org/base"
+    assert "0 (one-shot, no training)" in text

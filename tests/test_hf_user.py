@@ -3,6 +3,7 @@ loading without ``import hf_sparse``."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,7 +18,6 @@ from test_export import ast_model, rel_err
 from transformers import AutoModelForCausalLM
 
 import hf_sparse
-from hf_sparse.format import FormatError
 from hf_sparse.integrations.peft_lora import PackedNMLoraLinear, register_packed_lora
 from hf_sparse.modules import PackedNMLinear
 
@@ -186,13 +186,35 @@ def test_memory_footprint_counts_the_kernel_cache(exports, input_ids, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "after_forward")
     model.to(torch.float32)  # a move/cast drops the cache (rebuilt at the next forward)
     assert model.get_memory_footprint() == before
-    import copy
-
     clone = copy.deepcopy(model)
     with torch.no_grad():
         clone(input_ids)
     assert clone.get_memory_footprint() == before + held and model.get_memory_footprint() == before
 
+
+
+def test_kernel_cache_holds_only_chosen_paths(exports, input_ids, monkeypatch, tmp_path):
+    """Before: a CPU kernel that lost the measurement kept its converted weights (unused memory, now also counted)."""
+    from hf_sparse.kernels import autotune
+
+    monkeypatch.setenv("HF_SPARSE_CPU_KERNELS", "1")
+    monkeypatch.setenv("HF_SPARSE_CACHE_DIR", str(tmp_path / "tune"))  # a fresh autotune cache: every shape measures
+    candidates = []
+
+    def dense_wins(fns, rounds):  # a deterministic clock: dense is faster
+        candidates.append(set(fns))
+        return {name: (fn(), 1.0 if name == "dense" else 2.0)[1] for name, fn in fns.items()}
+
+    monkeypatch.setattr(autotune, "interleaved_min_ms", dense_wins)
+    model = AutoModelForCausalLM.from_pretrained(exports[4])
+    before = model.get_memory_footprint()
+    with torch.no_grad():
+        model(input_ids)
+    assert any("cpu_int4" in c for c in candidates)  # the int4 kernel ran (built its weights) and lost
+    for m in (m for m in model.modules() if isinstance(m, PackedNMLinear)):
+        assert set(m._dispatch_memo.values()) == {"dense"}
+        assert not any(k.startswith("cpu_int4") for k in m._kernel_cache), list(m._kernel_cache)
+    assert model.get_memory_footprint() == before  # dense on CPU beside a CPU kernel re-dequantizes: nothing held
 
 # ---------------- 3. loading without `import hf_sparse` ----------------
 
@@ -239,19 +261,29 @@ def test_plain_transformers_refuses_an_export_naming_hf_sparse(exports, input_id
 # ---------------- small: dequantize() with SLoRB, SparseConv1D re-export ----------------
 
 
-def test_dequantized_slorb_model_round_trips(tmp_path, input_ids):
-    """Before: dequantize() left SparseLinear modules unrecorded; save/reload dropped the SLoRB branch silently."""
+@pytest.mark.parametrize("arch, slorb", [("llama", True), ("gpt2", True), ("gpt2", False)])
+def test_dequantized_model_round_trips(tmp_path, arch, slorb, input_ids):
+    """Before: dequantize() left SparseLinear modules unrecorded (save/reload dropped the SLoRB branch silently), and
+    gave GPT-2 nn.Linear layers in place of its Conv1D ones (the reload failed on shapes, square ones transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
     from hf_sparse.modules import SparseConv1D, SparseLinear
 
     assert issubclass(SparseConv1D, SparseLinear)  # re-exported beside SparseLinear
-    hf_sparse.export(ast_model("llama", slorb=True), tmp_path / "e", bits=4, group_size=32)
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "e").dequantize()
-    assert isinstance(dense.get_submodule(Q), SparseLinear)
-    assert dense.config.quantization_config.quant_method == "hf_sparse_slorb"
+    hf_sparse.export(ast_model(arch, slorb=slorb), tmp_path / "e", bits=4, group_size=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "e")
     with torch.no_grad():
-        want = dense(input_ids).logits
+        want = loaded(input_ids).logits
+    dense = loaded.dequantize()
+    name = Q if arch == "llama" else "transformer.h.0.attn.c_attn"
+    kind = (SparseConv1D if slorb else Conv1D) if arch == "gpt2" else SparseLinear
+    assert type(dense.get_submodule(name)) is kind
+    if slorb:
+        assert dense.config.quantization_config.quant_method == "hf_sparse_slorb"
+    with torch.no_grad():
+        assert rel_err(want, dense(input_ids).logits) <= 1e-6
     dense.save_pretrained(tmp_path / "dense")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
-    assert isinstance(again.get_submodule(Q), SparseLinear)
+    assert type(again.get_submodule(name)) is kind
     with torch.no_grad():
-        assert torch.allclose(again(input_ids).logits, want, atol=1e-5)
+        assert rel_err(want, again(input_ids).logits) <= 1e-6

@@ -167,7 +167,13 @@ def create_model_card_for_trainer(trainer: Any, **fields: Any) -> bool:
         return False
     spec = NMSpec.from_dict(qc)
     tokens = getattr(getattr(trainer, "state", None), "num_input_tokens_seen", 0) or None
-    fields.setdefault("token_budget", tokens)
+    if tokens:
+        fields.setdefault("token_budget", tokens)
+    from .provenance import PROVENANCE_FILE
+
+    recorded = out / PROVENANCE_FILE  # what the export stated (method, base model, license, ...) stays stated
+    for key, value in (json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}).items():
+        fields.setdefault(key, value)
     fields.setdefault("base_model", config.get("_name_or_path") or None)
     known = {"base_model", "recipe", "token_budget", "evaluation", "method", "repo_id", "model_name", "license",
              "template_path", "quant_method", "sparsity_method", "export_format", "reexported_from"}

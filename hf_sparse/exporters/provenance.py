@@ -181,7 +181,7 @@ def read_provenance(source: Union[str, Path]) -> dict[str, Any]:
         found["recipe"] = yaml.safe_load((source / _RECIPE_FILE).read_text(encoding="utf-8"))
     config = _read_json(source / "config.json")
     if (config.get("quantization_config") or {}).get("quant_method") == "hf_sparse" or found.get("export_format"):
-        found["reexported_from"] = str(source)
+        found["reexported_from"] = str(source.resolve())
     found.pop("export_format", None)
     found.pop("quant_method", None)
     if found.get("base_model") and "license" not in found:

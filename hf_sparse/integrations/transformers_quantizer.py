@@ -309,6 +309,7 @@ class HfSparseHfQuantizer(HfQuantizer):
                 check_module_tensors(name, spec, in_f, out_f, has_bias, header)
             dtype = module.weight.dtype if module.weight.is_floating_point() else torch.get_default_dtype()
             packed = PackedNMLinear(in_f, out_f, spec, bias=has_bias, device="meta", dtype=dtype, module_name=name)
+            packed.was_conv1d = isinstance(module, Conv1D)  # dequantize() gives the model's own layer type back
             model.set_submodule(name, packed)
         for name in spec.expert_targets:  # fused MoE expert parameters (format version 2)
             _install_packed_expert(model, modules, name, spec, header)
@@ -372,15 +373,22 @@ class HfSparseHfQuantizer(HfQuantizer):
                 continue
             wdtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
             weight = module.dequantized_weight(wdtype)
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device=weight.device, dtype=wdtype)
+            conv = getattr(module, "was_conv1d", False)  # GPT-2: a Conv1D again, weight [in, out]
+            if conv:
+                dense = Conv1D(module.out_features, module.in_features).to(device=weight.device, dtype=wdtype)
+                weight = weight.t()
+                if module.bias is None:
+                    dense.bias = None
+            else:
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device=weight.device, dtype=wdtype)
             with torch.no_grad():
                 dense.weight.copy_(weight)
                 if module.bias is not None:
                     dense.bias.copy_(module.bias)
             new: nn.Module = dense
             if module.slorb is not None:
-                new = SparseLinear(dense.weight, dense.bias, module.slorb, fan_in_fan_out=False)
+                new = SparseLinear.build(dense.weight, dense.bias, module.slorb, fan_in_fan_out=conv)
             model.set_submodule(name, new)
         return model
 

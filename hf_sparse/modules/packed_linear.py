@@ -167,6 +167,7 @@ class PackedNMLinear(nn.Linear):
         else:
             self.slorb = None
         self._module_name = module_name
+        self.was_conv1d = False  # the loader sets it for GPT-2 Conv1D targets (so dequantize() rebuilds a Conv1D)
         self._kernel_cache: dict[str, Any] = _KernelCache(self._buffers, self._non_persistent_buffers_set)
 
     # ---- views of the packed weight ----

@@ -140,6 +140,9 @@ class ASTTrainer(Trainer):
         if alpha > 0 and teacher_model is None:
             teacher_model = frozen_teacher(model)  # before wrapping: the dense weights as they are now
         model = prepare_ast_model(model, ast_config)
+        if not any(getattr(c, "base_model_name_or_path", None) for c in getattr(model, "peft_config", {}).values()):
+            logger.warning("ASTTrainer: the model names no base model (built from a config?): the saved adapter cannot "
+                           "be exported; save the base and set `model.name_or_path` to it first (hf-sparse train does)")
         super().__init__(model=model, args=args, **kwargs)
         check_distributed_support(self.args, self)
         self.teacher_model: Optional[nn.Module] = None
