@@ -416,3 +416,18 @@ def test_oneshot_experts_use_routed_tokens_and_fall_back_to_magnitude(method, ca
             x = hidden[(index == e).any(-1)]
             score = dense[name][e].abs() * x.pow(2).sum(0).sqrt()[:, None]  # [in, out]: input dim 0
             assert torch.equal(masks[name][e], nm_mask(score, 2, 4, dim=0)), e
+
+
+def test_experts_only_adapter_exports_and_loads(ids, tmp_path):
+    import copy
+
+    import hf_sparse
+
+    model = get_peft_model(moe_model("mixtral"), ASTConfig(target_modules=[], target_parameters=["experts.down_proj"]))
+    assert not list(find_ast_model(model)[0].ast_layers()) and len(expert_wrappers(model)) == 2
+    hf_sparse.export(model, tmp_path / "e", hf_sparse.HfSparseConfig(values_dtype="float32"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "e", dtype=torch.float32)
+    assert loaded.config.quantization_config.targets == []
+    with torch.no_grad():
+        expected = copy.deepcopy(model).merge_and_unload()(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,7 @@ from ..quantization import PackedWeight, get_quantization_method
 from ..quantization.config import HfSparseConfig
 from ..sparsity.nm import is_nm_sparse, nm_mask
 from ..targets import TargetSelector, matches
+from ..tuners.ast.experts import ParamWrapper
 from ..tuners.ast.layer import ASTLayer
 from .experts import ExpertSource, collect_sparse_experts, expert_tensors, fake_quantize_experts, pack_experts
 from .model_card import write_model_card
@@ -66,7 +67,7 @@ def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, bool]:
         PeftModel = ()  # type: ignore
     if isinstance(model, PeftModel):
         inner = model.base_model.model
-        if not any(isinstance(m, ASTLayer) for m in inner.modules()):
+        if not any(isinstance(m, (ASTLayer, ParamWrapper)) for m in inner.modules()):
             raise TypeError(
                 "export: argument `model` is a PeftModel without AST layers; merge other adapters first "
                 "(hf_sparse.merge_lora_keep_mask for a LoRA on a sparse model)"

@@ -294,7 +294,7 @@ class HfSparseHfQuantizer(HfQuantizer):
         spec = self.quantization_config.spec
         header = _read_headers(checkpoint_files, self.quantization_config.verify_checksums) if checkpoint_files else None
         modules = dict(model.named_modules())
-        if not spec.targets:
+        if not spec.targets and not spec.expert_targets:
             raise FormatError("quantization_config.targets is empty: nothing to load as N:M")
         for name in spec.targets:
             module = modules.get(name)
