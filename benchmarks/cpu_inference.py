@@ -38,12 +38,16 @@ def cpu_description() -> str:
     return device_name("cpu")
 
 
-def build(model_name: str, work: Path) -> dict[str, str]:
-    """Write the dense model and its exports under ``work``; returns variant -> directory."""
+def build(model_name: str, work: Path, variants: list[str] = VARIANTS, reuse: bool = False) -> dict[str, str]:
+    """Write the dense model and the exports of ``variants`` under ``work``; returns variant -> directory.
+    ``reuse``: keep what an earlier run with the same ``work`` wrote (a directory with a config.json)."""
     import hf_sparse
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     dense_dir = work / model_name / "dense"
+    plan_dirs = {v: (dense_dir if v.startswith("dense") else work / model_name / v.replace(":", "of")) for v in variants}
+    if reuse and all((d / "config.json").exists() for d in plan_dirs.values()):
+        return {v: str(d) for v, d in plan_dirs.items()}
     if model_name == "smollm2":
         from hf_sparse import assets
 
@@ -66,6 +70,8 @@ def build(model_name: str, work: Path) -> dict[str, str]:
         "2:4-int4": dict(bits=4, group_size=group, dtype=torch.bfloat16),
     }
     for name, kw in plans.items():
+        if name not in variants:
+            continue
         out = work / model_name / name.replace(":", "of")
         hf_sparse.export(model, out, overwrite=True, **kw)
         dirs[name] = str(out)
@@ -82,6 +88,7 @@ def measure(directory: str, variant: str, prompt_len: int, new_tokens: int) -> d
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(directory, **({"dtype": dtype} if dtype else {})).eval()
     load_s = time.perf_counter() - t0
+    after_load = _rss_parts_mb()
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_len))
     short = prompt[:, :16]
@@ -105,7 +112,40 @@ def measure(directory: str, variant: str, prompt_len: int, new_tokens: int) -> d
             paths.setdefault(kind, sorted({f"m{k[3]}:{v}" for k, v in memo.items()}))
     peak_mb = _peak_rss_mb()
     return {"load_s": load_s, "prefill_s": prefill_s, "decode_tok_s": new_tokens / decode_s, "peak_rss_mb": peak_mb,
-            "paths": paths}
+            "paths": paths, "rss_after_load": after_load, "rss_at_end": _rss_parts_mb(), "held": _held_mb(model)}
+
+
+def _rss_parts_mb() -> dict[str, float]:
+    """Resident memory now, split: RssAnon (heap: tensors, kernel layouts) and RssFile (mmap'd safetensors pages,
+    shared libraries); VmHWM, the peak, is their sum at the worst moment."""
+    parts = {}
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                parts[key] = int(line.split()[1]) / 1024
+    return parts
+
+
+def _held_mb(model) -> dict[str, float]:
+    """What the loaded model holds, by kind: packed tensors as stored, kernel layouts/caches, other parameters."""
+    from hf_sparse.modules import PackedNMLinear
+
+    held = {"packed": 0.0, "kernel_cache": 0.0, "dense_rest": 0.0}
+    seen = set()
+    for module in model.modules():
+        for name, t in list(module.named_buffers(recurse=False)) + list(module.named_parameters(recurse=False)):
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            mb = t.numel() * t.element_size() / 1e6
+            if isinstance(module, PackedNMLinear) and name.startswith("_kernel_cache_"):
+                held["kernel_cache"] += mb
+            elif isinstance(module, PackedNMLinear) and name.startswith("nm_"):
+                held["packed"] += mb
+            else:
+                held["dense_rest"] += mb
+    return held
 
 
 def _peak_rss_mb() -> float:
@@ -134,6 +174,9 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work-dir", default=None, help="where the dense models and exports are written (temp)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma list (dense-fp32, the ratios' base, is always run): {','.join(VARIANTS)}")
+    parser.add_argument("--reuse", action="store_true", help="reuse the models --work-dir holds from an earlier run")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--fresh-autotune", action="store_true",
                         help="measure the CPU paths anew (a private autotune cache for this run)")
@@ -147,20 +190,28 @@ def main() -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="hf-sparse-cpu-bench-"))
     if args.fresh_autotune:
         os.environ["HF_SPARSE_CACHE_DIR"] = str(work / "autotune")
+        (work / "autotune" / "autotune.json").unlink(missing_ok=True)  # also with --reuse: measured anew
     doc = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "python": platform.python_version(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "repeats": args.repeats, "models": {}}
+    variants = ["dense-fp32"] + [v for v in args.variants.split(",") if v and v != "dense-fp32"]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"argument --variants: unknown {unknown}; choose from {VARIANTS}")
+    doc["variants"] = variants
     for model_name in args.models.split(","):
         print(f"building {model_name} and its exports in {work} ...", flush=True)
-        dirs = build(model_name, work)
-        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        dirs = build(model_name, work, variants, reuse=args.reuse)
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
         for _ in tqdm(range(args.repeats), desc=f"{model_name} repeats"):
-            for variant in VARIANTS:  # interleaved: drift in machine load hits every variant alike
+            for variant in variants:  # interleaved: drift in machine load hits every variant alike
                 runs[variant].append(run_child(dirs[variant], variant, args.prompt_len, args.new_tokens))
         rows = {}
         for variant, samples in runs.items():
             med = {k: statistics.median(s[k] for s in samples) for k in ("peak_rss_mb", "decode_tok_s", "prefill_s", "load_s")}
             med["paths"] = samples[-1]["paths"]
+            for key in ("rss_after_load", "rss_at_end", "held"):
+                med[key] = samples[-1][key]
             med["disk_mb"] = sum(p.stat().st_size for p in Path(dirs[variant]).glob("*.safetensors")) / 1e6
             rows[variant] = med
         base = rows["dense-fp32"]
@@ -176,7 +227,12 @@ def main() -> int:
         for variant, r in rows.items():
             print(f"| {variant} | {r['disk_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['rss_x']:.2f} | {r['decode_tok_s']:.1f} | "
                   f"{r['decode_x']:.2f} | {r['prefill_s']:.2f} | {r['prefill_x']:.2f} |")
-        print("paths chosen (layer kind: M bucket -> path):", json.dumps(rows["2:4-int4"]["paths"]))
+        for variant in variants:
+            r = rows[variant]
+            if r["paths"]:
+                print(f"{variant} paths chosen (layer kind: M bucket -> path):", json.dumps(r["paths"]))
+            print(f"{variant} memory MB: after load {json.dumps(r['rss_after_load'])}, at end {json.dumps(r['rss_at_end'])}, "
+                  f"held {json.dumps({k: round(v) for k, v in r['held'].items()})}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     from hf_sparse.atomic import atomic_write_json
 

@@ -9,8 +9,8 @@ Rows: dense, upcycled (must equal dense), one-shot (Wanda or SparseGPT: linears 
 routed calibration tokens), AST (a few steps, distilled from the dense model, measured on the reloaded export).
 Each row: held-out perplexity (Shakespeare plays never trained on), KL to dense, chat check; then file sizes.
 
-    python benchmarks/moe.py                       # CPU, ~20-30 min on 2 cores; --smoke: a few tokens (minutes)
-    python benchmarks/moe.py --experts 4 --top-k 2 --oneshot wanda --max-steps 24
+    python benchmarks/moe.py                       # CPU: 21 min on 2 loaded cores (RESULTS.md); --smoke: ~15 min
+    python benchmarks/moe.py --experts 4 --top-k 2 --oneshot sparsegpt --max-steps 64 --seq-len 256   # a real budget
 
 Prints a table and writes benchmarks/results/moe.json.
 """
@@ -73,12 +73,12 @@ def main() -> int:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--oneshot", choices=["wanda", "sparsegpt"], default="wanda")
-    parser.add_argument("--max-steps", type=int, default=24)
+    parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--calibration-samples", type=int, default=16)
-    parser.add_argument("--chat-questions", type=int, default=None)
+    parser.add_argument("--chat-questions", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--output-dir", default="moe-bench")
     parser.add_argument("--smoke", action="store_true")

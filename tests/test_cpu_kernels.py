@@ -85,6 +85,66 @@ def test_path_matches_the_dense_reference(path, out_f, in_f, kwargs, bias):
         assert rel(got, ref) <= 1e-2, (path, shape)
 
 
+DEQUANT_CASES = [  # (out, in, spec kwargs): every int4/int8 layout, ragged last groups and asymmetric included
+    (64, 256, dict(bits=4, group_size=32)),
+    (48, 192, dict(bits=4, group_size=128, symmetric=False)),  # 192 = 128 + 64: no int4 kernel, this path still runs
+    (20, 128, dict(bits=4, group_size=64)),
+    (40, 192, dict(bits=8, group_size=None)),
+    (24, 200, dict(bits=8, group_size=64, symmetric=False)),
+]
+
+
+@pytest.mark.parametrize("out_f, in_f, kwargs", DEQUANT_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_dequant_bf16_matches_the_dense_reference_at_prefill_sizes(out_f, in_f, kwargs, bias, monkeypatch):
+    monkeypatch.setattr(cpu, "_NATIVE_BF16", [True])  # correct anywhere; offered only where bf16 is native
+    module = packed_linear(out_f, in_f, NMSpec(**kwargs), bias, seed=out_f * in_f)
+    for shape in [(cpu.DEQUANT_MIN_M, in_f), (2, 70, in_f)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert "dequant_bf16" in offered(module, x)
+            ref = dispatch.dense_forward(module, x)
+            got = dispatch.PATHS["dequant_bf16"](module, x)
+        assert got.shape == ref.shape and got.dtype == x.dtype
+        assert rel(got, ref) <= 1e-2, shape
+    assert set(module._kernel_cache) <= {"dense", "dense_key"}  # the path keeps nothing: rebuilt per call
+    with torch.no_grad():
+        assert "dequant_bf16" not in offered(module, torch.randn(cpu.DEQUANT_MIN_M - 1, in_f))  # decode sizes
+    monkeypatch.setattr(cpu, "_NATIVE_BF16", [False])
+    with torch.no_grad():
+        assert "dequant_bf16" not in offered(module, torch.randn(cpu.DEQUANT_MIN_M, in_f))
+
+
+def test_prefill_and_decode_choose_by_measurement_per_m_bucket(monkeypatch):
+    """At M=512 the fake clock has the bf16 re-dequantizing path fastest, at M=1 the int4 kernel; each bucket gets its
+    own winner, dense is never kept, and the int4 layout stays for decode."""
+    from hf_sparse.kernels import autotune
+
+    monkeypatch.setattr(cpu, "_NATIVE_BF16", [True])
+    module = packed_linear(64, 256, NMSpec(bits=4, group_size=64), False, 2)
+    seen: dict[int, set] = {}
+    clock = {"dense": 10.0, "cpu_int4": 9.0, "dequant_bf16": 4.0}  # prefill-sized: bf16 GEMM wins
+
+    def fake_time(fns, rounds):
+        m = seen_m["m"]
+        seen[m] = set(fns)
+        decode = {"dense": 1.0, "cpu_int4": 0.3}
+        return {name: (fn(), (decode if m == 1 else clock)[name])[1] for name, fn in fns.items()}
+
+    seen_m = {"m": 512}
+    monkeypatch.setattr(autotune, "interleaved_min_ms", fake_time)
+    with torch.no_grad():
+        assert dispatch.choose_path(module, torch.randn(512, 256)) == "dequant_bf16"
+        seen_m["m"] = 1
+        assert dispatch.choose_path(module, torch.randn(1, 256)) == "cpu_int4"
+    assert seen == {512: {"dense", "cpu_int4", "dequant_bf16"}, 1: {"dense", "cpu_int4"}}
+    assert "dense" not in module._kernel_cache and "cpu_int4" in module._kernel_cache
+    clock.update(dequant_bf16=11.0, cpu_int4=12.0)  # both slower than dense at a new bucket: dense it is
+    seen_m["m"] = 256
+    with torch.no_grad():
+        assert dispatch.choose_path(module, torch.randn(256, 256)) == "dense"
+
+
 def test_unsupported_layouts_are_not_offered():
     x = torch.randn(2, 192)
     ragged = packed_linear(16, 192, NMSpec(bits=4, group_size=128), False, 0)  # 192 = 128 + 64: ragged last group
@@ -180,3 +240,18 @@ def test_loaded_export_runs_the_kernels_and_stays_close(tmp_path, bits, group_si
     dense = loaded.dequantize()  # the dense model on request, as before
     with torch.no_grad():
         assert rel(dense(ids).logits, reference(ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 64, True), (4, 32, False), (8, None, True)])
+def test_kernel_codes_dequantize_to_the_exact_weight(bits, group_size, symmetric):
+    """The dense codes the int4/int8 kernels are converted from: (code - zero) * scale is the stored weight, bit for
+    bit, pruned places included (they hold the code of an exact 0)."""
+    module = packed_linear(32, 256, NMSpec(bits=bits, group_size=group_size, symmetric=symmetric), False, 3)
+    gs = group_size or 256
+    scales = module.nm_scales.float()
+    zero = module.nm_zeros.float() if not symmetric else torch.full_like(scales, 2.0 ** (bits - 1))
+    codes = cpu._dense_codes(module, zero, gs)
+    assert codes.dtype == torch.int32 and codes.shape == (32, 256)
+    per_input = lambda t: t.repeat_interleave(gs, dim=1)  # noqa: E731
+    got = (codes.float() - per_input(zero)) * per_input(scales)
+    assert torch.equal(got, module.dequantized_weight(torch.float32))

@@ -212,7 +212,7 @@ def _keep_dense_copy(module: "PackedNMLinear", x: torch.Tensor) -> bool:
     if setting in ("0", "1"):
         return setting == "1"
     if x.device.type == "cpu":
-        return not any(supported(module, x) for supported in cpu.SUPPORTED.values())
+        return not any(cpu.SUPPORTED[name](module, x) for name in cpu.RESIDENT)
     return True
 
 
@@ -302,4 +302,5 @@ PATHS: dict[str, Callable[["PackedNMLinear", torch.Tensor], torch.Tensor]] = {
     "cpu_int4": cpu.cpu_int4_forward,
     "cpu_int8": cpu.cpu_int8_forward,
     "dense_lowp": cpu.dense_lowp_forward,
+    "dequant_bf16": cpu.dequant_bf16_forward,
 }

@@ -54,6 +54,7 @@ def prune_experts_oneshot(
     parameters: Optional[list[str]] = None,
     min_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
     batch_size: int = 8,
+    modules: Optional[dict[str, tuple[nn.Module, str]]] = None,
 ) -> dict[str, torch.Tensor]:
     """Prune the fused expert weights of ``model`` to exact N:M in place; returns bool ``[E, ., .]`` keep-masks.
 
@@ -61,14 +62,16 @@ def prune_experts_oneshot(
         method: a registered pruner (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``).
         parameters: qualified parameter names; ``None``: every fused expert weight (AST's default targets).
         min_tokens: experts with fewer routed calibration tokens fall back to magnitude (counted in the log).
+        modules: ``{qualified name: (experts module, parameter name)}`` instead of looking ``parameters`` up by
+            name (an AST model, whose experts modules sit under ``ParamWrapper`` s).
     """
     pruner_cls = get_pruner(method)
     magnitude_cls = get_pruner("magnitude")
-    names = default_expert_parameters(model) if parameters is None else list(parameters)
+    if modules is None:
+        names = default_expert_parameters(model) if parameters is None else list(parameters)
+        modules = {name: (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in names}
     entries = []  # (name, experts module, param, input dim, per-expert pruners)
-    for name in names:
-        module_name, _, pname = name.rpartition(".")
-        experts = model.get_submodule(module_name)
+    for name, (experts, pname) in modules.items():
         param = getattr(experts, pname)
         dim = expert_input_dim(experts, pname, name)
         validate_nm(n, m, in_features=param.shape[dim], module_name=name)
