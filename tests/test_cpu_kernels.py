@@ -110,6 +110,8 @@ def test_dequant_bf16_matches_the_dense_reference_at_prefill_sizes(out_f, in_f, 
     assert set(module._kernel_cache) <= {"dense", "dense_key"}  # the path keeps nothing: rebuilt per call
     with torch.no_grad():
         assert "dequant_bf16" not in offered(module, torch.randn(cpu.DEQUANT_MIN_M - 1, in_f))  # decode sizes
+    with torch.no_grad():  # bf16 activations: the dense path is this computation already
+        assert "dequant_bf16" not in offered(module, torch.randn(cpu.DEQUANT_MIN_M, in_f, dtype=torch.bfloat16))
     monkeypatch.setattr(cpu, "_NATIVE_BF16", [False])
     with torch.no_grad():
         assert "dequant_bf16" not in offered(module, torch.randn(cpu.DEQUANT_MIN_M, in_f))

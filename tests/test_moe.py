@@ -431,3 +431,94 @@ def test_experts_only_adapter_exports_and_loads(ids, tmp_path):
     with torch.no_grad():
         expected = copy.deepcopy(model).merge_and_unload()(ids).logits
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_init_oneshot_sets_expert_masks_from_routed_tokens():
+    import copy
+
+    from hf_sparse.oneshot.experts import prune_experts_oneshot
+    from hf_sparse.training import initialize_ast_masks
+
+    base = moe_model("mixtral")
+    reference = prune_experts_oneshot(copy.deepcopy(base), "wanda", calib := torch.randint(0, VOCAB, (4, 32)))
+    dense = {n: p.detach().clone() for n, p, _ in expert_params(base)}
+    model = get_peft_model(base, ASTConfig(mask_init="wanda"))
+    initialize_ast_masks(model, "wanda", calib, batch_size=8, progress=False)
+    for name, wrapper in expert_wrappers(model):
+        assert torch.equal(wrapper.ast_mask["default"], reference[name]), name
+        assert torch.equal(wrapper.ast_initial_mask["default"], reference[name]), name
+        assert torch.equal(wrapper.get_param().detach(), dense[name]), name  # AST keeps the pruned weights
+
+
+# ---- DDP: 2 CPU processes (gloo); expert masks identical on every rank ----
+
+def test_ddp_two_cpu_processes_same_expert_masks(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.abspath(__file__),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert {r["world_size"] for r in ranks} == {2}
+    assert ranks[0]["mask_digest"] == ranks[1]["mask_digest"]
+    assert ranks[0]["weight_digest"] == pytest.approx(ranks[1]["weight_digest"], rel=1e-6)
+    assert ranks[0]["flips_vs_initial"] > 0  # the expert masks moved, together
+
+
+def _ddp_main(out: str) -> None:
+    import json
+    import os
+
+    config = ASTConfig(mask_init="wanda", mask_update_interval=2, mask_score="activation", masked_decay_peak=1e-3)
+    args = ast_args(os.path.join(out, "out"), max_steps=4, per_device_train_batch_size=2, learning_rate=3e-2,
+                    ast_plot=False, ast_calibration_samples=4)
+    trainer = ASTTrainer(model=moe_model("mixtral", experts=4), args=args, ast_config=config,
+                         train_dataset=hamlet_blocks(16, 32), data_collator=default_data_collator)
+    trainer.train()
+    wrappers = expert_wrappers(trainer.model)
+    masks = torch.cat([w.ast_mask["default"].flatten() for _, w in wrappers])
+    initial = torch.cat([w.ast_initial_mask["default"].flatten() for _, w in wrappers])
+    weights = torch.cat([w.get_param().detach().flatten() for _, w in wrappers])
+    rank = torch.distributed.get_rank()
+    result = {
+        "world_size": torch.distributed.get_world_size(),
+        "mask_digest": int((masks.long() * torch.arange(masks.numel()) % 1000003).sum()),
+        "weight_digest": float(weights.double().abs().sum()),
+        "flips_vs_initial": int((masks != initial).sum()),
+        "initial_digest": int((initial.long() * torch.arange(initial.numel()) % 1000003).sum()),
+    }
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_prune_oneshot_with_experts_prunes_linears_and_experts():
+    from hf_sparse.oneshot import prune_oneshot
+
+    model = moe_model("qwen2_moe")
+    masks = prune_oneshot(model, "sparsegpt", torch.randint(0, VOCAB, (4, 32)), batch_size=4, progress=False,
+                          experts=True)
+    params = expert_params(model)
+    assert {n for n, _, _ in params} <= set(masks) and any("shared_expert" in n for n in masks)
+    for name, param, dim in params:
+        assert is_nm_sparse(param, 2, 4, dim=dim) and torch.equal(masks[name], param != 0), name
+
+
+def test_fsdp2_refuses_expert_masks_naming_the_parameter():
+    from hf_sparse.training.fsdp import shard_ast_masks
+
+    model = get_peft_model(moe_model("mixtral"), ASTConfig())
+    with pytest.raises(NotImplementedError, match=r"layers\.0\.mlp\.experts\.\w+ is a fused MoE expert parameter"):
+        shard_ast_masks(find_ast_model(model)[0])
+
+
+if __name__ == "__main__":
+    import sys
+
+    _ddp_main(*sys.argv[1:])

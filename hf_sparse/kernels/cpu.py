@@ -9,15 +9,23 @@
   weights are 0), bf16 activations likewise.
 * ``"dense_lowp"``: bf16-stored 16-bit exports keep their dense weight in bf16 (half the fp32 copy) and compute in
   bf16, where the CPU does that natively.
-* ``"dequant_bf16"``: int4/int8 exports at prefill-sized M (>= :data:`DEQUANT_MIN_M` tokens) on CPUs with native bf16
-  (AVX512-BF16/AMX): dequantize the weight exactly to bf16 on every call (nothing kept) and multiply in bf16. At
-  M=512 the bf16 GEMM runs ~2x the fp32 one, which pays for the dequantization; the int4 kernel runs there at about
-  fp32 speed (5632x2048, 1 thread: bf16 GEMM 84 ms + dequantize 37 ms; fp32 GEMM 280 ms; int4 kernel ~230 ms).
+* ``"dequant_bf16"``: int4/int8 exports run with float32/float16 activations, at prefill-sized M (>=
+  :data:`DEQUANT_MIN_M` tokens) on CPUs with native bf16 (AVX512-BF16/AMX): dequantize the weight exactly to bf16 on
+  every call (nothing kept) and multiply in bf16. At M=512 the bf16 GEMM runs ~2x the fp32 one, which pays for the
+  dequantization (5632x2048, 1 thread: bf16 GEMM 84 ms + dequantize 37 ms; fp32 GEMM 280 ms; int4 kernel ~230 ms).
+  With bf16 activations the dense path already is this computation.
 
 None is exact in fp32: each is checked against the dense dequantized reference when the dispatch measures it, and it
 runs only where it measured faster than dense (``HF_SPARSE_CPU_KERNELS=0`` turns these paths off). The converted
 weights live in ``module._kernel_cache``; the dense fp32 copy is not kept where one of the :data:`RESIDENT` paths
 (those holding a compact weight of their own) can run.
+
+What a loaded 2:4 + int4 export holds on CPU (1.1B Llama-shaped, measured): the stored tensors (codes 0.25 B a weight,
+positions 0.125, scales) and the dense rest (embeddings, lm_head, norms) stay in the safetensors file's mmap'd pages
+(transformers loads them without a copy: ``RssFile``, ~640 MB); the tinygemm layout of ``cpu_int4`` (0.5 B a weight +
+bf16 scale/zero, ~515 MB) is heap (``RssAnon``), beside the stored codes, which the dense path (prefill-sized M, where
+it re-dequantizes per call) and ``dequantize()`` still need. Conversions and the dispatch's measurement allocate
+per-layer temporaries only (dense int32 codes, one dequantized weight), freed and trimmed (:func:`release_freed_memory`).
 """
 
 from __future__ import annotations
@@ -209,13 +217,15 @@ def dense_lowp_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def dequant_bf16_supported(module: Any, x: torch.Tensor) -> bool:
+    """For float32/float16 activations (with bf16 ones the dense path is this very computation)."""
     m = x.numel() // max(1, module.in_features)
-    return module.spec.bits in (4, 8) and m >= DEQUANT_MIN_M and _usable(module, x) and native_bf16()
+    return (module.spec.bits in (4, 8) and x.dtype != torch.bfloat16 and m >= DEQUANT_MIN_M and _usable(module, x)
+            and native_bf16())
 
 
 def dequant_bf16_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
     """``F.linear`` in bf16 on the exactly dequantized weight, rebuilt per call (the module docstring's why)."""
-    dtype = _compute_dtype(x)
+    dtype = torch.bfloat16
     weight = module.dequantized_weight(dtype)
     bias = None if module.bias is None else module.bias.to(dtype)
     return F.linear(x.to(dtype), weight, bias).to(x.dtype)

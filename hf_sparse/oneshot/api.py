@@ -50,8 +50,13 @@ def prune_oneshot(
     batch_size: int = 8,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
+    experts: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Prune ``model``'s target weights to exact N:M in place; returns the bool keep-masks by module name.
+
+    ``experts=True`` also prunes the fused MoE expert parameters (AST's default ``target_parameters``) after the
+    linears, with statistics per expert from its routed calibration tokens
+    (:func:`hf_sparse.oneshot.experts.prune_experts_oneshot`); their masks are keyed by parameter name.
 
     Args:
         model: a transformers causal LM (Linear or GPT-2 Conv1D projections in decoder blocks).
@@ -75,8 +80,13 @@ def prune_oneshot(
         for name, module in targets.items():
             pruner = new_pruner(module, name)
             masks[name] = pruner.prune()
-        return masks
-    if calibration_ids is None:
-        raise ValueError(f"method={method!r} needs calibration data: pass argument `calibration_ids` (token ids)")
-    batches = as_batches(calibration_ids, batch_size)
-    return prune_sequential(model, targets, new_pruner, batches, device=device, progress=progress)
+    else:
+        if calibration_ids is None:
+            raise ValueError(f"method={method!r} needs calibration data: pass argument `calibration_ids` (token ids)")
+        batches = as_batches(calibration_ids, batch_size)
+        masks = prune_sequential(model, targets, new_pruner, batches, device=device, progress=progress)
+    if experts:  # one pass through the model whose linears are pruned now
+        from .experts import prune_experts_oneshot
+
+        masks.update(prune_experts_oneshot(model, method, calibration_ids, n, m, batch_size=batch_size))
+    return masks

@@ -51,10 +51,6 @@ def initialize_ast_masks(
     ast_model, config = _ast_model(peft_model)
     pruner_cls = get_pruner(method)
     layers = dict(ast_model.ast_layers())
-    if ast_model.ast_expert_layers() and method != "magnitude":
-        logger.warning("mask_init=%r sets the Linear targets' masks; the %d fused MoE expert parameters keep their "
-                       "magnitude masks (hf_sparse.oneshot.prune_experts_oneshot prunes experts per routed expert)",
-                       method, len(ast_model.ast_expert_layers()))
     if not layers:
         raise ValueError("initialize_ast_masks: the model has no AST layers")
     bases = {name: layer.get_base_layer() for name, layer in layers.items()}
@@ -77,6 +73,8 @@ def initialize_ast_masks(
                 original = base.weight.detach().clone()
                 masks[name] = new_pruner(base, name).prune()
                 base.weight.data.copy_(original)
+        if ast_model.ast_expert_layers() and pruner_cls.needs_calibration:  # adapters still off: a dense forward
+            _init_expert_masks(ast_model, method, calibration_ids, batch_size, n, m)
     finally:
         if was_enabled:
             ast_model.enable_adapter_layers()
@@ -85,6 +83,26 @@ def initialize_ast_masks(
     set_ast_masks(peft_model, masks, source=f"one-shot {method}")
     setattr(ast_model, _DONE_ATTR, method)
     return masks
+
+
+@torch.no_grad()
+def _init_expert_masks(ast_model: Any, method: str, calibration_ids: Any, batch_size: int, n: int, m: int) -> None:
+    """One-shot masks per expert from the routed calibration tokens (:func:`hf_sparse.oneshot.prune_experts_oneshot`)
+    become the expert wrappers' masks; as for the linears, the dense weights keep their pruned entries (AST may
+    bring them back) and the kept ones take the one-shot values (SparseGPT's updates)."""
+    from ..oneshot.experts import prune_experts_oneshot
+
+    wrappers = dict(ast_model.ast_expert_layers())
+    modules = {name: (w.get_base_layer(), w.parameter_name) for name, w in wrappers.items()}
+    originals = {name: w.get_param().detach().clone() for name, w in wrappers.items()}
+    masks = prune_experts_oneshot(ast_model.model, method, calibration_ids, n, m, batch_size=batch_size,
+                                  modules=modules)
+    for name, wrapper in wrappers.items():
+        param, adapter = wrapper.get_param(), wrapper.active_adapters[0]
+        mask = masks[name].to(param.device)
+        param.data.copy_(torch.where(mask, param.data, originals[name]))
+        wrapper.ast_mask[adapter].copy_(mask)
+        wrapper.ast_initial_mask[adapter].copy_(mask)
 
 
 @torch.no_grad()
@@ -174,6 +192,10 @@ def _broadcast_masks(ast_model: Any) -> None:
             torch.distributed.broadcast(tensor, src=0)
         if adapter in layer.ast_slorb:
             torch.distributed.broadcast(layer.ast_slorb[adapter].weight.data, src=0)
+    for _, wrapper in ast_model.ast_expert_layers():  # fused MoE expert parameters
+        adapter = wrapper.active_adapters[0]
+        for tensor in (wrapper.ast_mask[adapter], wrapper.ast_initial_mask[adapter], wrapper.get_param().data):
+            torch.distributed.broadcast(tensor, src=0)
 
 
 class ASTOneShotInitCallback(TrainerCallback):

@@ -2,9 +2,10 @@
 
 transformers 5 keeps a layer's routed experts as 3-D parameters (``mlp.experts.gate_up_proj`` ``[E, ., .]``) and lets
 ``@use_experts_implementation`` swap the experts' forward (eager loop, batched/grouped matmuls). So the mask acts on
-the parameter itself, not on one forward: while the wrapper runs, the parameter is a ``torch.nn.utils.parametrize``
-parametrization returning ``W ⊙ mask`` (straight-through gradient, computed once per forward under
-``parametrize.cached()``), and whichever experts implementation runs reads the masked tensor from the module.
+the parameter itself, not on one forward: while the wrapper runs, the experts module's attribute of that name is
+``W ⊙ mask`` (straight-through gradient, computed once per forward; an instance attribute that shadows the
+registered parameter), so whichever experts implementation runs reads the masked tensor from the module. The
+``nn.Parameter`` stays registered and untouched (optimizers, DDP hooks, state dicts see the dense weight).
 
 As in PEFT, one wrapper adapts one parameter; two targeted parameters of the same experts module nest two wrappers
 (the class is named ``ParamWrapper`` because PEFT's injection recognises nested wrappers by that class name). Masks are
@@ -20,7 +21,6 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ...sparsity.experts import expert_input_dim
 from ...sparsity.nm import nm_mask, validate_nm
@@ -28,19 +28,6 @@ from ...sparsity.scores import magnitude_score
 from .layer import MaskUpdate, masked_weight_ste
 
 __all__ = ["ParamWrapper", "expert_param_wrappers"]
-
-
-class _MaskedParametrization(nn.Module):
-    """``W ↦ W ⊙ mask`` with the STE gradient; the mask is read through the wrapper (never a registered buffer here)."""
-
-    def __init__(self, wrapper: "ParamWrapper", adapter_name: str) -> None:
-        super().__init__()
-        object.__setattr__(self, "_wrapper", wrapper)  # not a submodule: no cycle in the module tree
-        self.adapter_name = adapter_name
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        # no autocast cast here: the experts implementation's own ops cast (grouped_mm is not an autocast op)
-        return masked_weight_ste(weight, self._wrapper.ast_mask[self.adapter_name], dtype=weight.dtype)
 
 
 class ParamWrapper(nn.Module, BaseTunerLayer):
@@ -170,14 +157,17 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
         if self.merged or active is None:
             return self.base_layer(*args, **kwargs)
         experts = self.get_base_layer()
-        parametrize.register_parametrization(
-            experts, self.parameter_name, _MaskedParametrization(self, active), unsafe=True
-        )
+        param = self.get_param()
+        # an instance attribute shadows the registered parameter for attribute reads (nn.Module finds parameters in
+        # __getattr__, after __dict__), so every experts implementation reads W ⊙ M, computed once per forward. The
+        # Parameter itself stays registered and untouched (a torch parametrization would `set_` it, which detaches
+        # DDP's gradient hooks from it: measured, expert gradients were not all-reduced).
+        masked = masked_weight_ste(param, self.ast_mask[active], dtype=param.dtype)
+        object.__setattr__(experts, self.parameter_name, masked)
         try:
-            with parametrize.cached():
-                return self.base_layer(*args, **kwargs)
+            return self.base_layer(*args, **kwargs)
         finally:
-            _remove_own_parametrization(experts, self.parameter_name)
+            experts.__dict__.pop(self.parameter_name, None)
 
     # ---- merging ----
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -227,18 +217,6 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "ast." + super().__repr__()
-
-
-def _remove_own_parametrization(module: nn.Module, name: str) -> None:
-    """Remove the masking parametrization added last (others, e.g. PEFT LoRA proxies registered before, stay)."""
-    plist = module.parametrizations[name]
-    if len(plist) == 1:
-        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-        return
-    for i in reversed(range(len(plist))):
-        if isinstance(plist[i], _MaskedParametrization):
-            del plist[i]
-            return
 
 
 def expert_param_wrappers(model: nn.Module) -> list[tuple[str, ParamWrapper]]:
