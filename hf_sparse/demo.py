@@ -282,6 +282,22 @@ def write_chart(rows: list[dict[str, Any]], log_history: list[dict], path: Path)
     plt.close(fig)
 
 
+def card_evaluation(rows: list[dict[str, Any]], eval_label: str) -> list[dict[str, Any]]:
+    """The model card's evaluation table: what the demo measured on the reloaded export, beside the dense model."""
+    dense, ast = rows[0], rows[-1]
+    table = [
+        {"metric": f"perplexity ({eval_label})", "dense": round(dense["perplexity"], 2),
+         "sparse": round(ast["perplexity"], 2)},
+        {"metric": "KL to dense", "dense": 0.0, "sparse": round(ast["kl_to_dense"], 3)},
+        {"metric": "chat check (accuracy)", "dense": f"{100 * dense['chat_accuracy']:.0f}%",
+         "sparse": f"{100 * ast['chat_accuracy']:.0f}%"},
+    ]
+    if dense.get("other_perplexity") is not None:
+        table.append({"metric": "perplexity (other domain)", "dense": round(dense["other_perplexity"], 2),
+                      "sparse": round(ast["other_perplexity"], 2)})
+    return table
+
+
 def print_table(rows: list[dict[str, Any]], dense_ppl: float) -> None:
     """Markdown table; the other-domain columns only when that text was scored."""
     other = rows[0].get("other_perplexity") is not None
@@ -417,13 +433,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"exporting packed 2:4 safetensors to {model_dir} ...", flush=True)
     hf_sparse.export(trainer.model, model_dir, bits=16, tokenizer=tokenizer,
                      card={"base_model": str(args.model or "HuggingFaceTB/SmolLM2-135M-Instruct"),
-                           "token_budget": train_tokens, "method": "ast"})
+                           "token_budget": train_tokens, "sparsity_method": "AST"})
     del trainer, student
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     nm_ok = all(hf_sparse.is_nm_sparse(m.weight) for m in _sparse_modules(reloaded))
     rows.append(measure("AST", reloaded, tokenizer, eval_ids, reference, budget, device, other_ids)
                 | {"wall_s": time.time() - t, "train_tokens": train_tokens, "train_steps": steps_run})
 
+    from .exporters.model_card import update_model_card
+
+    eval_label = f"{'held-out' if args.eval_split == 'heldout' else args.eval_split} text"
+    update_model_card(model_dir, evaluation=card_evaluation(rows, eval_label), recipe={
+        "oneshot": args.oneshot, "schedule": args.schedule, "train_steps": steps_run, "budget": vars(budget),
+        "precision": "bf16" if use_bf16 else "fp32"})
     write_chart(rows, log_history, out / CHART_FILE)
     dense_ppl = rows[0]["perplexity"]
     doc = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,10 @@ def test_demo_end_to_end_on_a_tiny_local_model(tmp_path, capsys, monkeypatch):
     assert packed and all(hf_sparse.is_nm_sparse(m.weight) for m in packed)
     printed = capsys.readouterr().out
     assert "| AST |" in printed and "other-domain ppl" in printed and "AST gets a minimal run" in printed
+    card = (Path(results["model_dir"]) / "README.md").read_text()  # the card states what the demo measured
+    ast_ppl = f"{results['rows'][2]['perplexity']:.2f}".rstrip("0").rstrip(".")
+    assert "perplexity (held-out text)" in card and ast_ppl in card and "chat check" in card
+    assert "No evaluation recorded" not in card and "AST" in card
 
 
 def _args(*argv):

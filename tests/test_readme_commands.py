@@ -28,7 +28,7 @@ NOT_RUN = {
     "bash scripts/setup.sh && .venv/bin/hf-sparse demo":
         "environment setup (creates .venv, downloads the assets); the demo itself runs in tests/test_demo.py --smoke",
     ".venv/bin/python -m pytest -q": "runs this very test suite",
-    "python benchmarks/quality.py": "a CPU benchmark of up to 60 minutes (benchmarks/ print tables; not tests)",
+    "python benchmarks/quality.py": "a CPU benchmark of many minutes (benchmarks/ print tables; not tests)",
 }
 
 

@@ -104,7 +104,7 @@ class ASTMaskCallback(TrainerCallback):
             optimizer.attach_masks(self.ast_model.model)
             self._uses_optimizer_decay = optimizer.has_masks
         self._sharded = any(is_sharded(layer.ast_mask[layer.active_adapters[0]])
-                            for _, layer in self.ast_model.ast_layers())
+                            for _, layer in [*self.ast_model.ast_layers(), *self.ast_model.ast_expert_layers()])
         if self.config.mask_score == "activation" and not self._hooks:
             self._register_activation_hooks()
         if state.global_step > 0:
@@ -169,7 +169,8 @@ class ASTMaskCallback(TrainerCallback):
             return control
         start = time.perf_counter()
         if self._sharded:  # FSDP2: each rank recomputes its own rows; flip counts summed over ranks
-            flipped, flipped_init, numel = update_masks_local(self.ast_model, self._scores())
+            scores = self._scores()  # experts: local ones, and which of them received no tokens
+            flipped, flipped_init, numel = update_masks_local(self.ast_model, scores, self._keep_experts)
         else:
             scores = self._scores()  # also sets _keep_experts: experts that received no tokens keep their masks
             updates = self.ast_model.update_masks(scores, keep_experts=self._keep_experts)

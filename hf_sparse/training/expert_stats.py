@@ -6,6 +6,10 @@ intermediate for ``down_proj``). Experts that received no tokens keep their mask
 callback's ``_input_sq`` dict (``name`` -> ``[E, in]``, ``name#tokens`` -> ``[E]``), so they are saved with every
 checkpoint and all-reduced under DDP like the Linear targets' norms. Experts modules that are not
 ``use_experts_implementation`` classes (Llama-4's) fall back to magnitude, said once in the log.
+
+Under FSDP2 the hook runs inside the decoder layer's forward (gathered weights; the expert-sharded masks are
+gathered too), so every rank still sums over *all* experts for its own tokens; the scores are then all-reduced and
+sliced to the experts this rank holds (:func:`hf_sparse.training.fsdp.local_rows`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 from ..modules.experts import UP_PROJECTIONS, routed_expert_inputs, supports_routed_inputs
 from ..sparsity.scores import magnitude_score
 from ..tuners.ast.experts import ParamWrapper
+from .fsdp import is_sharded, local, local_rows
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,11 @@ def _accumulate(store: dict[str, torch.Tensor], key: str, value: torch.Tensor, e
         prev.mul_(ema).add_(value.to(prev.device), alpha=1 - ema)
 
 
+def _full(mask: torch.Tensor) -> torch.Tensor:
+    """FSDP2: the whole expert-sharded mask (the weight is gathered inside the forward), else the mask itself."""
+    return mask.full_tensor() if is_sharded(mask) else mask
+
+
 def register_expert_activation_hooks(ast_model: Any, store: dict[str, torch.Tensor], ema: Optional[float]) -> list:
     """Forward pre-hooks (on the outermost wrapper: the parameters are plain there) filling ``store``."""
     handles = []
@@ -67,7 +77,8 @@ def register_expert_activation_hooks(ast_model: Any, store: dict[str, torch.Tens
                 return  # eval, or activation checkpointing's re-run inside backward (counted once already)
             hidden = args[0] if args else kwargs["hidden_states"]
             index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if k != "hidden_states")
-            masked = {p: w.get_param().detach() * w.ast_mask[w.active_adapters[0]] for p, (_, w) in members.items()}
+            masked = {p: w.get_param().detach() * _full(w.ast_mask[w.active_adapters[0]])
+                      for p, (_, w) in members.items()}
             num_experts = next(iter(members.values()))[1].num_experts
             # every key on every call (zeros included): DDP ranks all-reduce the same set of tensors
             sums = {name: torch.zeros(num_experts, w.in_features, device=hidden.device) for name, w in members.values()}
@@ -98,7 +109,9 @@ def expert_activation_scores(ast_model: Any, store: dict[str, torch.Tensor], dis
             sq, tokens = sq.clone(), tokens.clone()
             torch.distributed.all_reduce(sq)
             torch.distributed.all_reduce(tokens)
+        rows = local_rows(param)  # FSDP2: the experts this rank holds (all of them otherwise)
+        sq, tokens = sq[rows], tokens[rows]
         norm = sq.sqrt().unsqueeze(1 if wrapper.input_dim == 2 else 2)  # [E, 1, in] or [E, in, 1]
-        scores[name] = magnitude_score(param) * norm
+        scores[name] = magnitude_score(local(param)) * norm
         keep[name] = tokens == 0
     return scores, keep

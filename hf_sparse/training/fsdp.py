@@ -13,6 +13,12 @@ rows and an N:M mask along the input dim is computable from the local shard alon
   metrics.
 - A placement other than ``Shard(0)`` on a 1-D mesh (``shard_placement_fn`` choosing ``Shard(1)``, HSDP meshes) or a
   fan-in-fan-out weight (GPT-2's ``Conv1D``: dim 0 is the input dim, so N:M groups would straddle ranks) is refused.
+- Fused MoE expert parameters (``[E, ., .]``, :mod:`hf_sparse.tuners.ast.experts`) shard on dim 0 = the expert index,
+  so each rank holds whole experts (5 experts on 2 ranks: 3 + 2) and their ``[E, ., .]`` masks are sharded the same
+  way; N:M groups run along an expert's input dim (1 or 2), never across ranks. The recompute scores the local
+  experts only; per-expert activation sums and routed-token counts are kept for all experts on every rank (tokens
+  are routed to any expert), all-reduced, then sliced to the local experts. An experts module that is itself
+  ``fully_shard``-ed is refused (its weight would still be sharded when the wrapper builds ``W ⊙ mask``).
 
 Checkpoints are sharded (:func:`use_sharded_checkpoints`: every rank writes its rows through accelerate's
 ``torch.distributed.checkpoint`` path, resume reads them back onto the same shards); the final model is gathered
@@ -44,6 +50,7 @@ __all__ = [
     "fsdp_requested",
     "is_sharded",
     "local",
+    "local_rows",
     "save_full_model",
     "shard_ast_masks",
     "shard_teacher",
@@ -191,6 +198,13 @@ def _local_rows(n: int, mesh: Any) -> slice:
     return slice(start, min(start + size, n))
 
 
+def local_rows(t: torch.Tensor) -> slice:
+    """The dim-0 indices of ``t`` this rank holds: its ``Shard(0)`` rows (experts) for a DTensor, else all."""
+    if not isinstance(t, _dtensor_cls()):
+        return slice(0, t.shape[0])
+    return _local_rows(t.shape[0], t.device_mesh)
+
+
 def _check_placement(name: str, layer: Any, weight: Any) -> None:
     from torch.distributed.tensor import Shard
 
@@ -207,22 +221,45 @@ def _check_placement(name: str, layer: Any, weight: Any) -> None:
         )
 
 
+def _check_expert_placement(name: str, wrapper: Any, weight: Any) -> None:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import Shard
+
+    if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"ASTTrainer under FSDP2: the fused MoE expert parameter {name} is placed {tuple(weight.placements)} on a "
+            f"{weight.device_mesh.ndim}-D mesh; AST needs Shard(0) (whole experts per rank) on a 1-D mesh, so that "
+            f"N:M groups along each expert's input dim {wrapper.input_dim} stay on one rank. Drop the custom "
+            "shard_placement_fn / HSDP mesh, or pass ASTConfig(target_parameters=[])."
+        )
+    experts = wrapper.get_base_layer()
+    if isinstance(experts, FSDPModule):
+        raise NotImplementedError(
+            f"ASTTrainer under FSDP2: the experts module holding {name} ({type(experts).__name__}) is fully_shard-ed "
+            "on its own, so its weight is still sharded when AST builds W ⊙ mask; wrap the decoder layer instead "
+            "(drop the experts class from transformer_layer_cls_to_wrap)"
+        )
+
+
 def shard_ast_masks(ast_model: Any) -> int:
     """Turn every AST layer's masks into DTensors laid out like its (FSDP2-sharded) weight; returns how many."""
     from torch.distributed.tensor import DTensor
 
-    experts = [name for name, _ in ast_model.ast_expert_layers()]
-    if experts:  # their [E, ., .] masks would shard on dim 0 = the expert index: not wired yet
-        raise NotImplementedError(
-            f"ASTTrainer under FSDP2: {experts[0]} is a fused MoE expert parameter (argument `target_parameters`); "
-            "FSDP2 for expert masks is not implemented. Train it with DDP, or pass ASTConfig(target_parameters=[])"
-        )
-    count = 0
+    targets = []
     for name, layer in ast_model.ast_layers():
         weight = layer.get_base_layer().weight
         if not isinstance(weight, DTensor):
             raise RuntimeError(f"ASTTrainer under FSDP2: {name}.weight was not sharded (no fully_shard above it)")
         _check_placement(name, layer, weight)
+        targets.append((name, layer, weight))
+    for name, wrapper in ast_model.ast_expert_layers():  # fused [E, ., .] experts: Shard(0) = whole experts
+        weight = wrapper.get_param()
+        if not isinstance(weight, DTensor):
+            raise RuntimeError(f"ASTTrainer under FSDP2: {name} was not sharded (no fully_shard above it)")
+        _check_expert_placement(name, wrapper, weight)
+        targets.append((name, wrapper, weight))
+    count = 0
+    for name, layer, weight in targets:
         rows = _local_rows(weight.shape[0], weight.device_mesh)
         for store in (layer.ast_mask, layer.ast_initial_mask):
             for adapter in list(store.keys()):
@@ -240,21 +277,35 @@ def shard_ast_masks(ast_model: Any) -> int:
 
 
 @torch.no_grad()
-def update_masks_local(ast_model: Any, scores: Optional[dict[str, torch.Tensor]]) -> tuple[int, int, int]:
-    """Recompute every target's mask on its local rows (``scores[name]``: local rows, or |W_local|).
+def update_masks_local(ast_model: Any, scores: Optional[dict[str, torch.Tensor]],
+                       keep_experts: Optional[dict[str, torch.Tensor]] = None) -> tuple[int, int, int]:
+    """Recompute every target's mask on its local rows / experts (``scores[name]``: local, or |W_local|);
+    ``keep_experts[name]`` (bool, the local experts) leaves those experts' masks as they are.
 
     Returns (flipped vs previous, flipped vs initial, numel), summed over ranks (one all-reduce).
     """
+    keep_experts = keep_experts or {}
     totals = torch.zeros(3, dtype=torch.float64)
-    for name, layer in ast_model.ast_layers():
+    targets = [(name, layer, layer.get_base_layer().weight) for name, layer in ast_model.ast_layers()]
+    targets += [(name, wrapper, wrapper.get_param()) for name, wrapper in ast_model.ast_expert_layers()]
+    for name, layer, full_weight in targets:
         adapter = layer.active_adapters[0]
         n, m = layer.ast_nm[adapter]
-        weight = local(layer.get_base_layer().weight)
+        weight = local(full_weight)
         score = weight.detach().abs() if scores is None or name not in scores else scores[name]
         old = local(layer.ast_mask[adapter])
         if score.shape != old.shape:
             raise ValueError(f"{name}: local score {tuple(score.shape)} != local mask {tuple(old.shape)}")
+        if old.numel() == 0:  # fewer experts than ranks: this rank holds none of them
+            continue
         new = nm_mask(score, n, m, dim=layer.input_dim)
+        keep = keep_experts.get(name)
+        if keep is not None:
+            if keep.shape[0] != old.shape[0]:
+                raise ValueError(f"{name}: keep_experts has {keep.shape[0]} entries, this rank holds "
+                                 f"{old.shape[0]} experts")
+            keep = keep.to(new.device)
+            new[keep] = old[keep]
         totals[0] += int((new != old).sum())
         totals[1] += int((new != local(layer.ast_initial_mask[adapter])).sum())
         totals[2] += new.numel()
