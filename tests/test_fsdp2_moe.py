@@ -4,7 +4,7 @@ A tiny Mixtral with 3 experts (top-2): FSDP2 shards each ``[E, ., .]`` expert pa
 2 + 1 experts per rank, and the expert masks the same way. Run as a script by the tests (``accelerate launch
 tests/test_fsdp2_moe.py OUT fsdp BASE`` and ``python tests/test_fsdp2_moe.py OUT single BASE``); the tests compare
 what the runs wrote: losses, every mask after every recompute, the routed-token counts of a checkpoint, the final
-weights and the exported model.
+weights, a resume from the sharded checkpoint and the exported model.
 """
 
 from __future__ import annotations
@@ -48,12 +48,16 @@ def single_out(tmp_path_factory, base):
     return out
 
 
+def _launch(out, base, resume: str = "") -> None:
+    _run(out, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               os.path.abspath(__file__), str(out), "fsdp", str(base), resume])
+
+
 @pytest.fixture(scope="module")
 def fsdp_out(tmp_path_factory, base):
     out = tmp_path_factory.mktemp("moe_fsdp")
-    _run(out, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               os.path.abspath(__file__), str(out), "fsdp", str(base)])
+    _launch(out, base)
     return out
 
 
@@ -69,8 +73,10 @@ def test_fsdp2_moe_two_cpu_processes_match_one_process(fsdp_out, single_out):
     for r in info:  # really FSDP2: expert parameters and their masks are DTensors sharded on the expert index
         assert r["world_size"] == 2 and r["fsdp_module"] and not r["ddp"]
         assert r["expert_is_dtensor"] and r["expert_mask_is_dtensor"] and r["placements"] == ["S(0)"] * 2
-    assert info[0]["expert_local_shape"] == [2, 64, 64] and info[1]["expert_local_shape"] == [1, 64, 64]
-    assert info[0]["down_local_shape"] == [2, 64, 32] and info[1]["down_local_shape"] == [1, 64, 32]
+    for key in ("gate_up", "down"):  # whole experts per rank: 2 + 1 of 3, each expert matrix complete
+        full = info[0][f"{key}_shape"]
+        assert full[0] == EXPERTS and info[0][f"{key}_local_shape"] == [2, *full[1:]], (key, info)
+        assert info[1][f"{key}_local_shape"] == [1, *full[1:]], (key, info)
     log = (fsdp_out / "launch.log").read_text()
     assert log.count("ASTTrainer: distributed mode FSDP2, world size 2 (backend gloo, device cpu") == 2, log[-3000:]
 
@@ -110,6 +116,22 @@ def test_fsdp2_moe_checkpoint_holds_the_all_reduced_routed_token_counts(fsdp_out
     assert float(single[tokens[0]].sum()) == 2 * 8 * 2 * 32  # GA 2 x 8 sequences x top-2 x 32 tokens
 
 
+def test_fsdp2_moe_resume_from_sharded_checkpoint_equals_uninterrupted_run(tmp_path, base, fsdp_out):
+    """The sharded checkpoint holds each rank's experts and expert masks (DCP); resumed on 2 fresh processes it
+    continues exactly: the step-4 loss, the masks of the step-4 recompute and the final weights."""
+    checkpoint = fsdp_out / "out" / f"checkpoint-{SAVE_STEP}"
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "ast_state.safetensors"} <= set(os.listdir(checkpoint))
+    _launch(tmp_path, base, resume=str(checkpoint))
+    resumed, uninterrupted = (torch.load(o / "result.pt") for o in (tmp_path, fsdp_out))
+    assert resumed["steps_run"] == list(range(SAVE_STEP + 1, MAX_STEPS + 1))
+    assert resumed["losses"][MAX_STEPS] == pytest.approx(uninterrupted["losses"][MAX_STEPS], rel=1e-6)
+    assert sorted(resumed["masks"]) == [MAX_STEPS]
+    for name, mask in uninterrupted["masks"][MAX_STEPS].items():
+        assert torch.equal(resumed["masks"][MAX_STEPS][name], mask), name
+    for name, w in uninterrupted["weights"].items():
+        assert torch.allclose(resumed["weights"][name], w, rtol=1e-5, atol=1e-6), name
+
+
 def test_fsdp2_moe_final_model_exports_and_reloads_like_the_single_process_one(tmp_path, fsdp_out, single_out):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -137,23 +159,35 @@ def test_fsdp2_moe_final_model_exports_and_reloads_like_the_single_process_one(t
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
-def test_fsdp2_moe_refuses_experts_sharded_off_the_expert_index(fsdp_out):
-    """shard_placement_fn choosing Shard(1) for the expert weights: N:M groups would straddle ranks."""
+def test_fsdp2_moe_refuses_experts_sharded_off_the_expert_index_or_as_their_own_unit(fsdp_out):
+    """shard_placement_fn choosing Shard(1) for the expert weights (N:M groups would straddle ranks), and an experts
+    module fully_shard-ed by itself (its weight would be sharded when the wrapper builds W ⊙ mask)."""
     for r in range(2):
         msg = json.loads((fsdp_out / f"rank{r}.json").read_text())["shard1_error"]
         assert "fused MoE expert parameter model.layers.0.mlp.experts." in msg and "Shard(dim=1)" in msg, msg
         assert "AST needs Shard(0) (whole experts per rank)" in msg, msg
+        msg = json.loads((fsdp_out / f"rank{r}.json").read_text())["experts_unit_error"]
+        assert "model.layers.0.mlp.experts." in msg and "is fully_shard-ed on its own" in msg, msg
 
 
 # ---- the script ----
+#: by hand: MOE_ARCH=gpt_oss runs the same tests on gpt-oss's transposed [E, in, out] experts
+ARCH = os.environ.get("MOE_ARCH", "mixtral")
+LAYER_CLS = {"mixtral": "MixtralDecoderLayer", "gpt_oss": "GptOssDecoderLayer"}[ARCH]
+
+
 def _tiny_mixtral() -> torch.nn.Module:
     import transformers
 
     from conftest import VOCAB
 
-    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-                                        num_key_value_heads=2, intermediate_size=32, num_local_experts=EXPERTS,
-                                        num_experts_per_tok=2)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                  num_key_value_heads=2, intermediate_size=32, num_local_experts=EXPERTS, num_experts_per_tok=2)
+    if ARCH == "gpt_oss":
+        config = transformers.GptOssConfig(head_dim=16, sliding_window=8,
+                                           layer_types=["sliding_attention", "full_attention"], **common)
+    else:
+        config = transformers.MixtralConfig(**common)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
@@ -165,8 +199,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t.clone()  # a copy: recomputes write masks in place
 
 
-def _shard1_error() -> str:
-    """shard_ast_masks on a model whose expert weights were fully_shard-ed on dim 1: the refusal's message."""
+def _refusal(kind: str) -> str:
+    """shard_ast_masks on a model whose expert weights were fully_shard-ed on dim 1 (``kind="shard1"``) or whose
+    experts modules were fully_shard-ed on their own (``"experts_unit"``): the refusal's message."""
     from peft import get_peft_model
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -178,7 +213,9 @@ def _shard1_error() -> str:
     model = get_peft_model(_tiny_mixtral(), ASTConfig(target_modules=[]))
     placement = lambda p: Shard(1) if p.dim() == 3 else Shard(0)  # noqa: E731
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer, shard_placement_fn=placement)
+        if kind == "experts_unit":
+            fully_shard(layer.mlp.experts.get_base_layer())
+        fully_shard(layer, shard_placement_fn=placement if kind == "shard1" else None)
     fully_shard(model)
     try:
         shard_ast_masks(find_ast_model(model)[0])
@@ -187,7 +224,8 @@ def _shard1_error() -> str:
     return "not refused"
 
 
-def _main(out: str, mode: str, base: str) -> None:
+def _main(out: str, mode: str, base: str, resume: str = "") -> None:
+    import shutil
     from test_training_utils import ast_args, hamlet_blocks
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM, TrainerCallback, default_data_collator
@@ -196,11 +234,13 @@ def _main(out: str, mode: str, base: str) -> None:
     from hf_sparse.training.callbacks import find_ast_model
 
     os.makedirs(out, exist_ok=True)
+    if resume and int(os.environ.get("RANK", "0")) == 0:  # the checkpoint, copied into this run's output dir
+        shutil.copytree(resume, os.path.join(out, "out", os.path.basename(resume)))
     config = ASTConfig(target_modules=["q_proj", "v_proj"], mask_update_interval=INTERVAL, masked_decay_peak=0.05,
                        masked_decay_ramp_steps=2, mask_score="activation", use_slorb=False)
     extra = {}
     if mode == "fsdp":
-        extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["MixtralDecoderLayer"]})
+        extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [LAYER_CLS]})
     args = ast_args(os.path.join(out, "out"), max_steps=MAX_STEPS, per_device_train_batch_size=8 if mode == "single"
                     else 4, gradient_accumulation_steps=2, logging_steps=1, ast_plot=False, learning_rate=5e-3,
                     save_strategy="steps", save_steps=SAVE_STEP, **extra)
@@ -221,7 +261,7 @@ def _main(out: str, mode: str, base: str) -> None:
     trainer = ASTTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args, ast_config=config,
                          train_dataset=hamlet_blocks(32, 64), data_collator=default_data_collator,
                          callbacks=[RecordMasks()])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(os.path.join(out, "final"))  # FSDP2: the full state dict, written once by rank 0
     ast_model, _ = find_ast_model(trainer.model)
     weights = {name: _full(p) for name, p in trainer.model.named_parameters()}
@@ -257,9 +297,12 @@ def _main(out: str, mode: str, base: str) -> None:
             "expert_is_dtensor": isinstance(param, DTensor),
             "expert_mask_is_dtensor": isinstance(mask, DTensor),
             "placements": [str(p) for p in (*param.placements, *mask.placements)],
-            "expert_local_shape": list(param.to_local().shape),
+            "gate_up_shape": list(param.shape),
+            "gate_up_local_shape": list(param.to_local().shape),
+            "down_shape": list(down.get_param().shape),
             "down_local_shape": list(down.ast_mask["default"].to_local().shape),
-            "shard1_error": _shard1_error(),
+            "shard1_error": _refusal("shard1"),
+            "experts_unit_error": _refusal("experts_unit"),
         }
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(info, f)
