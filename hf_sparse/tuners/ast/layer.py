@@ -102,6 +102,30 @@ class MaskUpdate:
         return self.flipped_vs_initial / max(self.numel, 1)
 
 
+def init_masks(layer: Any, adapter_name: str, weight: torch.Tensor, config: Any,
+               mask: Optional[torch.Tensor] = None) -> None:
+    """The adapter's current and initial masks: ``mask`` if given, else N:M by |W| (all-True on the meta device,
+    where the weights come with the load). Shared by the Linear layers and the fused-expert wrappers."""
+    layer.ast_nm[adapter_name] = (config.n, config.m)
+    if mask is None:
+        if weight.device.type == "meta":
+            mask = torch.ones_like(weight, dtype=torch.bool, device="meta")
+        else:
+            mask = nm_mask(magnitude_score(weight), config.n, config.m, dim=layer.input_dim)
+    # contiguous: a Conv1D mask comes out as a transposed view, which safetensors refuses to save
+    layer.ast_mask[adapter_name] = mask.to(torch.bool).contiguous()
+    layer.ast_initial_mask[adapter_name] = layer.ast_mask[adapter_name].clone()
+
+
+def replace_mask(mask: torch.Tensor, new: torch.Tensor, initial: torch.Tensor) -> MaskUpdate:
+    """Write ``new`` into the mask buffer in place (buffers keep their identity: FSDP/DDP hold them) and count flips."""
+    update = MaskUpdate(
+        flipped_vs_previous=int((new != mask).sum()),
+        flipped_vs_initial=int((new != initial).sum()),
+        numel=new.numel(),
+    )
+    mask.copy_(new)
+    return update
 
 
 class ASTLayer(BaseTunerLayer):
@@ -149,15 +173,7 @@ class ASTLayer(BaseTunerLayer):
         validate_nm(config.n, config.m, in_features=self.in_features, module_name=module_name)
         self._ast_module_name = module_name
         weight = self.get_base_layer().weight
-        self.ast_nm[adapter_name] = (config.n, config.m)
-        if mask is None:
-            if weight.device.type == "meta":
-                mask = torch.ones_like(weight, dtype=torch.bool, device="meta")
-            else:
-                mask = nm_mask(magnitude_score(weight), config.n, config.m, dim=self.input_dim)
-        # contiguous: a Conv1D mask comes out as a transposed view, which safetensors refuses to save
-        self.ast_mask[adapter_name] = mask.to(torch.bool).contiguous()
-        self.ast_initial_mask[adapter_name] = self.ast_mask[adapter_name].clone()
+        init_masks(self, adapter_name, weight, config, mask)
         if config.use_slorb:
             if self.in_features % config.slorb_group_size:
                 raise ValueError(
@@ -167,6 +183,7 @@ class ASTLayer(BaseTunerLayer):
             slorb = SLoRB(self.in_features, self.out_features, config.slorb_group_size, config.slorb_train_projection)
             if config.slorb_init == "mean" and weight.device.type != "meta":
                 with torch.no_grad():
+                    mask = self.ast_mask[adapter_name]
                     slorb.weight.copy_(slorb_mean_init(self._out_in(weight), self._out_in(mask), config.slorb_group_size))
             self.ast_slorb[adapter_name] = slorb
             # device and dtype of the base weight (PEFT's autocast_adapter_dtype then upcasts fp16/bf16 to fp32 unless
@@ -205,15 +222,7 @@ class ASTLayer(BaseTunerLayer):
         score = magnitude_score(weight) if score is None else score
         if score.shape != weight.shape:
             raise ValueError(f"score shape {tuple(score.shape)} != weight shape {tuple(weight.shape)}")
-        new = nm_mask(score, n, m, dim=self.input_dim)
-        old = self.ast_mask[name]
-        update = MaskUpdate(
-            flipped_vs_previous=int((new != old).sum()),
-            flipped_vs_initial=int((new != self.ast_initial_mask[name]).sum()),
-            numel=new.numel(),
-        )
-        old.copy_(new)
-        return update
+        return replace_mask(self.ast_mask[name], nm_mask(score, n, m, dim=self.input_dim), self.ast_initial_mask[name])
 
     def effective_weight(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         """The N:M weight the forward uses (with STE gradient)."""

@@ -27,11 +27,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ...format import LEGACY_SLORB_KEYS, SLORB_PROJECTION, SLORB_WEIGHT
 from ...modules.slorb import SLoRB
+from ...quantization.transformers_hooks import HfSparseLoaderBase, register_transformers_quantizer
 from ...modules.sparse_linear import SparseLinear
 
 LEGACY_WEIGHT = next(iter(LEGACY_SLORB_KEYS))  # "slorb.S"
@@ -132,14 +132,10 @@ def _safetensors_header(checkpoint_files: Optional[list[str]]) -> Optional[dict[
     return header
 
 
-class MergedSLoRBHfQuantizer(HfQuantizer):
+class MergedSLoRBHfQuantizer(HfSparseLoaderBase):
     """Rebuild the SparseLinear modules a merged AST checkpoint names, then step aside (nothing is quantized)."""
 
-    requires_calibration = True  # only loads checkpoints that carry the entry; it never converts a dense model
-    quantization_config: MergedSLoRBConfig
-
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    quantization_config: MergedSLoRBConfig  # only checkpoints that carry the entry load; a dense model never converts
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: Optional[list[str]] = None, **kwargs):
         header = _safetensors_header(checkpoint_files)
@@ -186,14 +182,9 @@ class MergedSLoRBHfQuantizer(HfQuantizer):
 
     _legacy_names = False
 
-    def update_weight_conversions(self, weight_conversions, model):
-        """Checkpoints merged by hf_sparse 0.1 name the branch's tensors ``slorb.S``/``slorb.X``: rename them."""
-        conversions = super().update_weight_conversions(weight_conversions, model)
-        if not self._legacy_names:
-            return conversions
-        from transformers.core_model_loading import WeightRenaming
-
-        return [WeightRenaming(old, new) for old, new in LEGACY_SLORB_KEYS.items()] + list(conversions)
+    def uses_legacy_slorb_names(self) -> bool:
+        """Checkpoints merged by hf_sparse 0.1 name the branch's tensors ``slorb.S``/``slorb.X`` (seen in the header)."""
+        return self._legacy_names
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name in self.quantization_config.modules:
@@ -205,19 +196,7 @@ class MergedSLoRBHfQuantizer(HfQuantizer):
         model.config.quantization_config = entry  # kept, so the next save_pretrained writes it again
         return model
 
-    def is_serializable(self, safe_serialization: bool = True) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return True
-
 
 def register_merged_slorb() -> None:
     """Register ``quant_method="hf_sparse_slorb"`` with transformers (idempotent)."""
-    from transformers.quantizers import auto
-
-    if MERGED_SLORB_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
-        auto.register_quantization_config(MERGED_SLORB_METHOD)(MergedSLoRBConfig)
-    if MERGED_SLORB_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
-        auto.register_quantizer(MERGED_SLORB_METHOD)(MergedSLoRBHfQuantizer)
+    register_transformers_quantizer(MERGED_SLORB_METHOD, MergedSLoRBConfig, MergedSLoRBHfQuantizer)
