@@ -81,7 +81,10 @@ def test_cli_trains_tiny_recipe_and_saves_it_beside_checkpoints(tmp_path, capsys
     assert main(["train", tiny, *sets, "--set", "training.max_steps=12", "--resume"]) == 0
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12
-    assert "done, 12 steps" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "done, 12 steps" in captured.out
+    # the start of training says what the launch gave (item 10 of the HF-user issue), on the CLI too
+    assert "ASTTrainer: distributed mode single, world size 1" in captured.err
 
 
 def test_recipe_with_fsdp_is_refused_before_loading_anything(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any, Optional
 
 import torch
@@ -187,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         recipe.ast_config()
         print(recipe.to_yaml())
         return 0
+    show_training_log()
     trainer = build_trainer(recipe)
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model()
@@ -195,6 +197,31 @@ def run(args: argparse.Namespace) -> int:
         write_run_provenance(trainer, recipe)
     metrics = trainer.state.log_history[-1] if trainer.state.log_history else {}
     logger.info("AST training finished: %s", metrics)
-    print(f"hf-sparse train: done, {trainer.state.global_step} steps; model and ast_recipe.yaml in "
-          f"{trainer.args.output_dir}")
+    if trainer.is_world_process_zero():
+        print(f"hf-sparse train: done, {trainer.state.global_step} steps; model and ast_recipe.yaml in "
+              f"{trainer.args.output_dir}")
     return 0
+
+
+def show_training_log() -> None:
+    """Show hf_sparse's training INFO lines on stderr (the distributed mode and world size first: a launch that
+    silently gave one process says so), unless the user's own logging already handles them."""
+    log = logging.getLogger("hf_sparse.training")
+    if any(isinstance(h, _CurrentStderrHandler) for h in log.handlers):
+        return
+    handler = _CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the one at creation: tests swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
