@@ -13,7 +13,7 @@ from .integrations.transformers_quantizer import register_with_transformers
 register_ast_with_peft()
 register_with_transformers()  # AutoModelForCausalLM.from_pretrained loads hf_sparse exports
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Training names import transformers.Trainer: loaded on first use so `import hf_sparse` stays light.
 _TRAINING_NAMES = (
