@@ -7,6 +7,7 @@ sparse path beats it by the margin" is what is checked.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -170,23 +171,28 @@ def clean_env(monkeypatch, tmp_path):
     return monkeypatch
 
 
-def test_cpu_default_is_dense_and_triton_override_matches_it(tmp_path, clean_env):
+def test_cpu_default_is_dense_and_measures_nothing(tmp_path, clean_env):
     from hf_sparse.kernels import dispatch
 
+    model, packed = _load(_export_tiny(tmp_path, bits=4))
+    with torch.no_grad():
+        model(torch.randint(0, 96, (2, 5)))
+    assert _chosen(packed) == {"dense"}
+    assert not (tmp_path / "autotune-cache").exists()  # nothing measured on CPU
+    first = next(iter(packed.values()))
+    assert dispatch.candidate_paths(first, torch.randn(3, first.in_features)) == (
+        ["dense", "triton_w4a16"] if os.environ.get("TRITON_INTERPRET") == "1" else ["dense"]
+    )
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                    reason="the Triton path runs on CPU only in its interpreter (the `gpu` extra, TRITON_INTERPRET=1)")
+def test_triton_override_on_cpu_matches_dense(tmp_path, clean_env):
     path = _export_tiny(tmp_path, bits=4)
     model, packed = _load(path)
     ids = torch.randint(0, 96, (2, 5))
     with torch.no_grad():
         dense_logits = model(ids).logits
-    assert _chosen(packed) == {"dense"}
-    assert not (tmp_path / "autotune-cache").exists()  # nothing measured on CPU
-    first = next(iter(packed.values()))
-    x = torch.randn(3, first.in_features)
-    assert dispatch.candidate_paths(first, x) == (
-        ["dense", "triton_w4a16"] if os.environ.get("TRITON_INTERPRET") == "1" else ["dense"]
-    )
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton path runs on CPU only under TRITON_INTERPRET=1")
     clean_env.setenv(autotune.ENV_OVERRIDE, "triton_w4a16")
     model2, packed2 = _load(path)
     with torch.no_grad():

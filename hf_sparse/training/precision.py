@@ -49,6 +49,14 @@ def time_precisions(step: Callable[[bool], None], repeats: int = 2) -> dict[str,
     return out
 
 
+def onednn_has_bf16() -> bool:
+    """Whether oneDNN can run bf16 on this CPU at all (natively or emulated)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def choose_bf16(precision: str, device: str, step: Optional[Callable[[bool], None]] = None) -> tuple[bool, str]:
     """``(use_bf16, why)`` for ``precision`` in ``auto | bf16 | fp32`` on ``device``.
 
@@ -63,10 +71,7 @@ def choose_bf16(precision: str, device: str, step: Optional[Callable[[bool], Non
     if str(device).startswith("cuda"):
         ok = torch.cuda.is_bf16_supported()
         return ok, "GPU with bf16" if ok else "GPU without bf16"
-    try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        onednn = False
+    onednn = onednn_has_bf16()
     native = cpu_has_native_bf16()
     if native:
         return True, "CPU with native bf16 matmuls"
